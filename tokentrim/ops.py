@@ -1,0 +1,121 @@
+"""Public functional ops of tokentrim, each with a pure-PyTorch twin in ``tokentrim.reference``.
+
+Dispatch (``backend=``):
+
+- ``"auto"``: the Triton kernel for CUDA tensors, the reference otherwise.
+- ``"triton"``: the Triton kernel; on CPU tensors only under ``TRITON_INTERPRET=1`` (set before
+  tokentrim is imported).
+- ``"reference"``: the pure-PyTorch definition, on any device.
+
+A backend that cannot serve the request raises ``RuntimeError`` saying why.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+
+import torch
+
+from tokentrim import reference
+from tokentrim.kernels.validate import check_drift_inputs, check_finite
+
+BACKENDS = ("auto", "triton", "reference")
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton kernels run on CPU tensors through the Triton interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.cache
+def triton_available() -> bool:
+    try:
+        importlib.import_module("triton")
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Return "triton" or "reference" for a tensor on ``device``, or raise if unservable."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "reference":
+        return "reference"
+    can_triton = triton_available() and (device.type == "cuda" or (device.type == "cpu" and interpreter_enabled()))
+    if backend == "auto":
+        return "triton" if (can_triton and device.type == "cuda") else "reference"
+    if not triton_available():
+        raise RuntimeError("backend='triton' requested but triton is not installed")
+    if not can_triton:
+        raise RuntimeError(
+            f"backend='triton' cannot run on {device.type} tensors: use CUDA tensors, or set "
+            "TRITON_INTERPRET=1 before importing tokentrim to run the kernels on CPU"
+        )
+    return "triton"
+
+
+def _kernel(name: str):
+    return importlib.import_module(f"tokentrim.kernels.{name}")
+
+
+def drift_topk(cand, prev, k: int, patch=(2, 2), backend: str = "auto", check_finite_inputs: bool = True):
+    """Per-token drift between two latent blocks, its top-k and the drift severity.
+
+    Args:
+        cand: candidate block latents [B,F,C,H,W], bf16/fp16/fp32.
+        prev: previously accepted block latents [B,F',C,H,W] (same B, C, H, W; F' may differ).
+        k: size of the unstable set, 1 <= k <= N with N = (H/ph)*(W/pw).
+        patch: (ph, pw) token patch, the model's spatial patch size.
+        check_finite_inputs: raise ``ValueError`` on NaN/Inf latents (one host sync).
+
+    Returns:
+        drift [B,N] fp32 (L2 distance of the frame-mean token summaries), topk_idx [B,k] int64
+        (most drifted first, ties toward the lower index), severity [B] fp32 (mean drift of the
+        top-k set).
+    """
+    patch = tuple(patch) if isinstance(patch, (list, tuple)) else patch
+    check_drift_inputs(cand, prev, k, patch)
+    if check_finite_inputs:
+        check_finite("cand", cand)
+        check_finite("prev", prev)
+    if resolve_backend(backend, cand.device) == "triton":
+        return _kernel("drift").drift_topk(cand, prev, k, patch)
+    return reference.drift_topk(cand, prev, k, patch)
+
+
+def masked_attention(q, k, v, keep=None, kv_len=None, scale=None, backend: str = "auto"):
+    """Attention of q over the kept keys of a (cache-layout) K/V buffer.
+
+    Args:
+        q: [B,Lq,H,D] queries, bf16/fp16/fp32 (fp32 mainly for the interpreter).
+        k, v: [B,Lk_max,H,D] keys/values, read in place with their strides (e.g. a cache view).
+        keep: optional [B,Lk_max] bool, True = attend.
+        kv_len: optional [B] int32 device tensor; keys at or past kv_len[b] are ignored.
+        scale: softmax scale, default D**-0.5.
+
+    Returns:
+        o [B,Lq,H,D] in q's dtype; a query row with no kept key is all zeros.
+    """
+    if resolve_backend(backend, q.device) == "triton":
+        return _kernel("masked_attention").masked_attention(q, k, v, keep=keep, kv_len=kv_len, scale=scale)
+    return reference.masked_attention(q, k, v, keep=keep, kv_len=kv_len, scale=scale)
+
+
+def compact_kv(kv, keep, kv_len, backend: str = "auto"):
+    """Move the kept tokens of every layer's K and V to the front (stable), in place.
+
+    Args:
+        kv: [..., B, L, H, D] cache tensor (e.g. [layers, 2, B, L, H, D]).
+        keep: [B, L] bool, True = keep.
+        kv_len: [B] int32, tokens in use per video.
+
+    Returns:
+        new kv_len [B] int32 (number of kept tokens below the old kv_len). Slots past it are
+        unspecified.
+    """
+    if resolve_backend(backend, kv.device) == "triton":
+        return _kernel("kv_compact").compact_kv(kv, keep, kv_len)
+    return reference.compact_kv(kv, keep, kv_len)
