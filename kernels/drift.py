@@ -1,0 +1,161 @@
+"""Fused drift / top-k kernel: the Triton twin of ``tokentrim.reference.drift_topk``.
+
+Two launches:
+
+1. ``_drift_kernel``, grid (B, cdiv(N, BLOCK_T)): each program reads, for a tile of tokens, every
+   frame of ``cand`` and ``prev`` at every channel and patch offset (in place, with strides),
+   forms the frame means in fp32, and writes ``drift[b, n] = ||mean_f cand - mean_f prev||_2``.
+   The token summaries stay in registers; nothing but the drift reaches global memory.
+2. ``_topk_kernel``, grid (B,): one program per video sorts the N drifts packed with their index
+   into one int64 key (drift bits high, reversed index low), so a single descending sort gives
+   decreasing drift with ties toward the lower index; it writes the first k indices and their
+   mean drift (the severity).
+
+Drift is >= 0, so the bits of an fp32 drift order like the values; N is capped at ``MAX_N``
+because the top-k sort holds a whole row (next power of two of N) in one program.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .validate import check_drift_inputs, check_finite
+
+MAX_N = 32768  # tokens per frame the single-program top-k sort accepts (832x480 latents: N = 1560)
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+if _INTERPRET:  # the interpreter fails with more than one autotune config
+    _DRIFT_CONFIGS = [triton.Config({"BLOCK_T": 64}, num_warps=4)]
+else:
+    _DRIFT_CONFIGS = [
+        triton.Config({"BLOCK_T": bt}, num_warps=nw) for bt in (32, 64, 128) for nw in (2, 4)
+    ]
+
+
+@triton.autotune(configs=_DRIFT_CONFIGS, key=["N", "C", "PH", "PW"])
+@triton.jit(do_not_specialize=["F", "FP"])
+def _drift_kernel(
+    cand_ptr, prev_ptr, drift_ptr,
+    N, WT, C, F, FP,
+    csb, csf, csc, csh, csw,
+    psb, psf, psc, psh, psw,
+    PH: tl.constexpr, PW: tl.constexpr, PP: tl.constexpr, BLOCK_T: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0).to(tl.int64)
+    tok = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    tok_ok = tok < N
+    h = tok // WT
+    w = tok % WT
+    p = tl.arange(0, PP)  # patch offset (i, j) flattened row-major, padded to a power of two
+    row = (h[:, None] * PH + (p // PW)[None, :]).to(tl.int64)
+    col = (w[:, None] * PW + (p % PW)[None, :]).to(tl.int64)
+    mask = tok_ok[:, None] & (p < PH * PW)[None, :]
+
+    c_ptrs = cand_ptr + b * csb + row * csh + col * csw  # [BLOCK_T, PP], frame 0 channel 0
+    p_ptrs = prev_ptr + b * psb + row * psh + col * psw
+    inv_f = 1.0 / F.to(tl.float32)
+    inv_fp = 1.0 / FP.to(tl.float32)
+    sq = tl.zeros([BLOCK_T], dtype=tl.float32)
+    for _c in range(C):
+        sum_c = tl.zeros([BLOCK_T, PP], dtype=tl.float32)
+        fp = c_ptrs
+        for _f in range(F):
+            sum_c += tl.load(fp, mask=mask, other=0.0).to(tl.float32)  # bf16/fp16 -> fp32 first
+            fp += csf
+        sum_p = tl.zeros([BLOCK_T, PP], dtype=tl.float32)
+        fp = p_ptrs
+        for _f in range(FP):
+            sum_p += tl.load(fp, mask=mask, other=0.0).to(tl.float32)
+            fp += psf
+        diff = sum_c * inv_f - sum_p * inv_fp
+        sq += tl.sum(diff * diff, axis=1)
+        c_ptrs += csc
+        p_ptrs += psc
+    tl.store(drift_ptr + b * N + tok, tl.sqrt_rn(sq), mask=tok_ok)
+
+
+@triton.jit(do_not_specialize=["k"])
+def _topk_kernel(drift_ptr, idx_ptr, sev_ptr, N, k, BLOCK_N: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_N)
+    ok = offs < N
+    d = tl.load(drift_ptr + b * N + offs, mask=ok, other=0.0)
+    # Sign bit cleared: drift >= 0 (a NaN from NaN input then sorts first instead of corrupting
+    # the padding order). Low 32 bits hold BLOCK_N-1-index so equal drifts put lower indices first.
+    bits = (d.to(tl.int32, bitcast=True) & 0x7FFFFFFF).to(tl.int64)
+    key = (bits << 32) | (BLOCK_N - 1 - offs).to(tl.int64)
+    key = tl.where(ok, key, -1)  # padding sorts after every real token
+    key = tl.sort(key, descending=True)
+    top_idx = (BLOCK_N - 1) - (key & 0xFFFFFFFF)
+    top_d = (key >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+    in_top = offs < k
+    tl.store(idx_ptr + b * k + offs, top_idx, mask=in_top)
+    sev = tl.sum(tl.where(in_top, top_d, 0.0), axis=0) / k.to(tl.float32)
+    tl.store(sev_ptr + b, sev)
+
+
+def _check_out(out, B: int, N: int, k: int, device: torch.device):
+    if not (isinstance(out, (tuple, list)) and len(out) == 3):
+        raise TypeError(f"out must be a tuple (drift, idx, severity) of tensors, got {type(out).__name__}")
+    specs = (("out[0] (drift)", (B, N), torch.float32), ("out[1] (idx)", (B, k), torch.int64),
+             ("out[2] (severity)", (B,), torch.float32))  # fmt: skip
+    for t, (name, shape, dtype) in zip(out, specs):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if tuple(t.shape) != shape or t.dtype != dtype:
+            raise ValueError(f"{name} must be {shape} {dtype}, got {tuple(t.shape)} {t.dtype}")
+        if t.device != device:
+            raise ValueError(f"{name} must be on {device}, got {t.device}")
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous, got strides {t.stride()}")
+    return tuple(out)
+
+
+def drift_topk(cand, prev, k: int, patch=(2, 2), *, out=None, check_finite_inputs: bool = False):
+    """Fused per-token drift, top-k and severity (two launches). Twin of the reference op.
+
+    Args:
+        cand: candidate latents [B,F,C,H,W], bf16/fp16/fp32, any strides (read in place).
+        prev: previous latents [B,F',C,H,W], same B, C, H, W and device; F' may differ; its dtype
+            may differ from cand's.
+        k: int, 1 <= k <= N, N = (H/ph)*(W/pw) <= MAX_N.
+        patch: (ph, pw), H % ph == W % pw == 0.
+        out: optional preallocated (drift [B,N] fp32, idx [B,k] int64, severity [B] fp32),
+            contiguous, on the inputs' device; every element is overwritten.
+        check_finite_inputs: raise ValueError on NaN/Inf latents (one host sync). Off by default
+            because ``tokentrim.ops.drift_topk`` checks before calling.
+
+    Returns:
+        (drift [B,N] fp32, idx [B,k] int64 by decreasing drift, ties toward the lower index,
+        severity [B] fp32 = mean drift of the top-k).
+    """
+    patch = tuple(patch) if isinstance(patch, (list, tuple)) else patch
+    ph, pw, N = check_drift_inputs(cand, prev, k, patch)
+    if N > MAX_N:
+        raise ValueError(f"cand has N={N} tokens per frame; the Triton drift_topk supports N <= {MAX_N}")
+    if check_finite_inputs:
+        check_finite("cand", cand)
+        check_finite("prev", prev)
+    B, F, C, H, W = cand.shape
+    FP = prev.shape[1]
+    if out is None:
+        drift = torch.empty(B, N, dtype=torch.float32, device=cand.device)
+        idx = torch.empty(B, k, dtype=torch.int64, device=cand.device)
+        sev = torch.empty(B, dtype=torch.float32, device=cand.device)
+    else:
+        drift, idx, sev = _check_out(out, B, N, k, cand.device)
+
+    grid = lambda meta: (B, triton.cdiv(N, meta["BLOCK_T"]))
+    _drift_kernel[grid](
+        cand, prev, drift, N, W // pw, C, F, FP,
+        *cand.stride(), *prev.stride(),
+        PH=ph, PW=pw, PP=triton.next_power_of_2(ph * pw),
+    )  # fmt: skip
+    block_n = triton.next_power_of_2(N)
+    _topk_kernel[(B,)](drift, idx, sev, N, k, BLOCK_N=block_n, num_warps=4 if block_n <= 2048 else 8)
+    return drift, idx, sev
