@@ -32,9 +32,7 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 if _INTERPRET:  # the interpreter fails with more than one autotune config
     _DRIFT_CONFIGS = [triton.Config({"BLOCK_T": 64}, num_warps=4)]
 else:
-    _DRIFT_CONFIGS = [
-        triton.Config({"BLOCK_T": bt}, num_warps=nw) for bt in (32, 64, 128) for nw in (2, 4)
-    ]
+    _DRIFT_CONFIGS = [triton.Config({"BLOCK_T": bt}, num_warps=nw) for bt in (32, 64, 128) for nw in (2, 4)]
 
 
 @triton.autotune(configs=_DRIFT_CONFIGS, key=["N", "C", "PH", "PW"])

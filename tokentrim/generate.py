@@ -1,0 +1,422 @@
+"""``tokentrim generate``: prompt -> mp4 with real Wan2.1 weights from a local folder.
+
+Pipeline: check the Diffusers folder -> load the transformer (a Self/Rolling Forcing checkpoint, or
+the folder's ``transformer/``) -> encode the prompts with umT5 (then free it) -> stream the rollout
+block by block: each accepted block is decoded causally by the VAE and its frames are appended to
+the mp4 at once. Whatever ends the run (done, Ctrl-C, SIGTERM, an exception, out of memory), every
+finished block is in a playable mp4 and in the telemetry JSON/PNG written beside it.
+
+Frame counts: a rollout of n blocks of 3 latent frames decodes to 1 + 4*(3n - 1) = 12n - 3 pixel
+frames at 16 fps (9 for the first block, 12 for each later one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import signal
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from tokentrim.config import TokenTrimConfig
+
+PIPELINES = ("self-forcing", "rolling-forcing")
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+BLOCK_FRAMES = 3
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+# Per-video fields of a block record (lists with one entry per video of the batch).
+_PER_VIDEO_KEYS = ("severity", "threshold", "mu", "sigma", "warming_up", "detected", "prune", "pruned",
+                   "unstable_idx", "regenerated", "regenerations", "accepted_severity", "final_severity")
+
+
+class GenerateError(ValueError):
+    """A usage problem reported to the user as one clear message (exit code 2)."""
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``generate`` on an ``argparse`` subparsers object; sets ``func=run_generate``."""
+    p = subparsers.add_parser(
+        "generate",
+        help="prompt -> mp4 with a Wan2.1-T2V model (Self Forcing / Rolling Forcing) and TokenTrim",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_arguments(p)
+    p.set_defaults(func=run_generate)
+    return p
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="the text prompt")
+    src.add_argument("--prompts", type=Path, metavar="FILE", help="a text file with one prompt per line")
+    p.add_argument("--model-dir", type=Path, required=True,
+                   help="local Wan2.1-T2V-1.3B-Diffusers folder (text_encoder/, tokenizer/, vae/, transformer/)")
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="Self Forcing / Rolling Forcing .pt, or a Wan/diffusers folder; "
+                        "default: the model folder's transformer/")
+    p.add_argument("--checkpoint-key", default="generator_ema", choices=("generator_ema", "generator"),
+                   help="which weights of a Self/Rolling Forcing .pt to use")
+    p.add_argument("--pipeline", choices=PIPELINES, default="self-forcing")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--seconds", type=float, default=None,
+                        help="video length at 16 fps, rounded up to whole 3-latent-frame blocks (default 5)")
+    length.add_argument("--blocks", type=int, default=None, help="number of 3-latent-frame blocks")
+    p.add_argument("--height", type=int, default=480, help="frame height in pixels (multiple of 16)")
+    p.add_argument("--width", type=int, default=832, help="frame width in pixels (multiple of 16)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=1, help="prompts generated together")
+    p.add_argument("--compare", action="store_true",
+                   help="same seed without (left) and with (right) TokenTrim, side by side in one video")
+    p.add_argument("--overlay", action="store_true",
+                   help="also write <out>.overlay.mp4 with the pruned token positions tinted red")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="transformer and text encoder dtype (default bfloat16 on CUDA, float32 on CPU); "
+                        "the VAE runs in float32")
+    p.add_argument("--cuda-graphs", action="store_true", help="replay the cached forward with CUDA graphs")
+    p.add_argument("--out", type=Path, default=Path("tokentrim.mp4"),
+                   help="output mp4; with several prompts: <stem>_000.mp4, <stem>_001.mp4, ...")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    TokenTrimConfig.add_cli_arguments(p)
+
+
+def blocks_for_seconds(seconds: float, fps: int = 16, block_frames: int = BLOCK_FRAMES) -> int:
+    """Blocks covering at least ``seconds`` of video: pixel frames -> latent frames
+    1 + ceil((pixel - 1) / 4) -> whole blocks (5 s -> 80 frames -> 21 latent frames -> 7 blocks)."""
+    if not (isinstance(seconds, (int, float)) and math.isfinite(seconds) and seconds > 0):
+        raise GenerateError(f"--seconds must be a positive number, got {seconds!r}")
+    pixel = max(1, round(seconds * fps))
+    latent = 1 + math.ceil((pixel - 1) / 4)
+    return max(1, math.ceil(latent / block_frames))
+
+
+def read_prompts(args) -> list[str]:
+    if args.prompt is not None:
+        if not args.prompt.strip():
+            raise GenerateError("--prompt is empty")
+        return [args.prompt]
+    path = Path(args.prompts)
+    if not path.is_file():
+        raise GenerateError(f"--prompts file {str(path)!r} does not exist")
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise GenerateError(f"--prompts file {str(path)!r} holds no prompt (one per line)")
+    return prompts
+
+
+def _output_paths(out: Path, n: int) -> list[Path]:
+    if out.suffix.lower() != ".mp4":
+        raise GenerateError(f"--out must end in .mp4, got {str(out)!r}")
+    if n == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}_{i:03d}.mp4") for i in range(n)]
+
+
+def _check_args(args) -> tuple[int, torch.device, torch.dtype]:
+    for name in ("height", "width"):
+        v = getattr(args, name)
+        if v <= 0 or v % 16:
+            raise GenerateError(f"--{name} must be a positive multiple of 16 (VAE 8 x patch 2), got {v}")
+    if args.blocks is not None:
+        if args.blocks < 1:
+            raise GenerateError(f"--blocks must be >= 1, got {args.blocks}")
+        blocks = args.blocks
+    else:
+        blocks = blocks_for_seconds(5.0 if args.seconds is None else args.seconds)
+    if args.seed < 0:
+        raise GenerateError(f"--seed must be >= 0, got {args.seed}")
+    if args.batch_size < 1:
+        raise GenerateError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.compare and not args.trim:
+        raise GenerateError("--compare shows the video without and with TokenTrim: it cannot be combined with --no-trim")
+    if args.overlay and not args.trim:
+        raise GenerateError("--overlay marks TokenTrim's pruned tokens: it cannot be combined with --no-trim")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        raise GenerateError(f"--device {args.device!r} is not a torch device: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise GenerateError("--device cuda was asked for but torch sees no CUDA device")
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    return blocks, device, dtype
+
+
+# -------------------------------------------------------------------------------------- loading
+def load_transformer(args, model_dir: Path, device, dtype):
+    """The WanModel: ``--checkpoint`` (with the folder's transformer config when the checkpoint has
+    none) or ``<model_dir>/transformer``. Errors become GenerateError naming the checkpoint."""
+    from tokentrim.model import load_wan
+
+    folder_cfg = model_dir / "transformer" / "config.json"
+    if args.checkpoint is None:
+        path, config = model_dir / "transformer", None
+    else:
+        path = Path(args.checkpoint)
+        if not path.exists():
+            raise GenerateError(f"--checkpoint {str(path)!r} does not exist")
+        needs_config = path.is_file() and not (path.parent / "config.json").is_file()
+        config = (str(folder_cfg) if folder_cfg.is_file() else "wan2.1-t2v-1.3b") if needs_config else None
+    try:
+        return load_wan(path, config=config, dtype=dtype, device=device, which=args.checkpoint_key)
+    except (ValueError, TypeError, KeyError, RuntimeError, OSError) as e:
+        raise GenerateError(f"cannot load the transformer from {str(path)!r}: {e}") from None
+
+
+def _check_compatible(model, text_dim: int, z_dim: int, source: str) -> None:
+    cfg = model.config
+    if cfg.text_dim != text_dim:
+        raise GenerateError(f"{source}: transformer text_dim={cfg.text_dim} but the text encoder outputs {text_dim}")
+    if cfg.in_dim != z_dim or cfg.out_dim != z_dim:
+        raise GenerateError(f"{source}: transformer in/out channels {cfg.in_dim}/{cfg.out_dim} but the VAE has z_dim={z_dim}")
+
+
+def make_rollout(pipeline: str, model, trim: TokenTrimConfig | None, use_graphs: bool):
+    from tokentrim.rollout import (
+        RollingForcingConfig,
+        RollingForcingRollout,
+        SelfForcingConfig,
+        SelfForcingRollout,
+    )
+
+    if pipeline == "self-forcing":
+        return SelfForcingRollout(model, SelfForcingConfig(), trim=trim, use_graphs=use_graphs)
+    if pipeline == "rolling-forcing":
+        return RollingForcingRollout(model, RollingForcingConfig(), trim=trim, use_graphs=use_graphs)
+    raise GenerateError(f"--pipeline must be one of {PIPELINES}, got {pipeline!r}")
+
+
+# ------------------------------------------------------------------------------------ streaming
+def _video_record(rec: dict, b: int) -> dict:
+    """Video ``b``'s view of a batch record: per-video lists reduced to that video's entry (kept as a
+    one-element list, the telemetry format for one video)."""
+    out = {}
+    for k, v in rec.items():
+        if k in _PER_VIDEO_KEYS and isinstance(v, (list, tuple)):
+            out[k] = [v[b]] if b < len(v) else None
+        else:
+            out[k] = v
+    return out
+
+
+class VideoOutput:
+    """One output video: its mp4 writer (+ overlay writer) and the records of its written blocks."""
+
+    def __init__(self, path: Path, prompt: str, overlay: bool, fps: int):
+        from tokentrim.video import Mp4Writer
+
+        self.path = path
+        self.prompt = prompt
+        self.writer = Mp4Writer(path, fps=fps)
+        self.overlay = Mp4Writer(path.with_name(path.stem + ".overlay.mp4"), fps=fps) if overlay else None
+        self.records: list[dict] = []
+        self.final_path: Path | None = None
+
+    def write_block(self, frames, overlay_frames, record: dict) -> None:
+        self.writer.write(frames)
+        if self.overlay is not None:
+            self.overlay.write(overlay_frames)
+        self.records.append(record)
+
+    def finalize(self, meta: dict) -> None:
+        """Close the mp4(s) (renaming them into place) and write the telemetry of the written blocks.
+        With no block written nothing is left on disk."""
+        from tokentrim import telemetry
+
+        self.final_path = self.writer.close()
+        if self.overlay is not None:
+            self.overlay.close()
+        if self.final_path is None:
+            return
+        meta = dict(meta, prompt=self.prompt, video=str(self.final_path), blocks_written=len(self.records),
+                    pixel_frames=self.writer.frames_written)
+        telemetry.save_json(self.records, self.path.with_suffix(".json"), meta)
+        try:
+            telemetry.plot(self.records, self.path.with_suffix(".png"), title=self.prompt[:80])
+        except Exception as e:  # a plotting problem must not lose the video or the JSON
+            print(f"warning: telemetry plot failed: {e}", file=sys.stderr)
+
+
+@contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (e.g. a job scheduler) -> KeyboardInterrupt, so it finalises like Ctrl-C."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _panel_frames(vae_stream, out, video_b: int):
+    from tokentrim.video import to_uint8
+
+    return to_uint8(vae_stream.push(out.latents[video_b : video_b + 1])[0])
+
+
+def _overlay_frames(frames, record: dict, b: int, grid_w: int, cell: tuple[int, int]):
+    from tokentrim.video import mark_tokens
+
+    idx = record.get("unstable_idx")
+    prune = record.get("prune")
+    if not idx or not prune or not prune[b] or idx[b] is None:
+        return frames
+    return mark_tokens(frames, idx[b], grid_w, cell)
+
+
+def generate_batch(model, vae, text, prompts, paths, args, trim_cfg, num_blocks, on_block=None,
+                   base_meta=None) -> tuple[str, list[VideoOutput]]:
+    """Run the rollout(s) for one batch of prompts and stream every video to its mp4.
+
+    text: [B, Lt, text_dim] prompt embeddings. Returns (status, outputs); status is "complete" or
+    "interrupted". Exceptions other than KeyboardInterrupt propagate after every output has been
+    finalised with its finished blocks.
+    """
+    from tqdm import tqdm
+
+    from tokentrim.video import FPS, VAE_SPATIAL
+
+    B = len(prompts)
+    lat_h, lat_w = args.height // VAE_SPATIAL, args.width // VAE_SPATIAL
+    ph, pw = model.config.patch_size[1:]
+    grid_w, cell = lat_w // pw, (VAE_SPATIAL * ph, VAE_SPATIAL * pw)
+    # panels left to right: (rollout, is_trim); --compare puts the plain rollout on the left.
+    if args.compare:
+        panels = [(make_rollout(args.pipeline, model, None, args.cuda_graphs), False),
+                  (make_rollout(args.pipeline, model, trim_cfg, args.cuda_graphs), True)]
+    else:
+        panels = [(make_rollout(args.pipeline, model, trim_cfg if args.trim else None, args.cuda_graphs), args.trim)]
+    outputs = [VideoOutput(p, prompt, args.overlay, FPS) for p, prompt in zip(paths, prompts)]
+    streams = [[vae.streaming_decoder() for _ in panels] for _ in range(B)]
+    gens = [r.iter_blocks(text, num_blocks, lat_h, lat_w, seed=args.seed) for r, _ in panels]
+    status, error = "complete", None
+    bar = tqdm(total=num_blocks, unit="block", desc=args.pipeline, disable=args.no_progress, file=sys.stderr)
+    t0, frames_done = time.perf_counter(), 0
+    try:
+        with _sigterm_as_interrupt():
+            for outs in zip(*gens):
+                index = outs[0].index
+                trim_pos = next((i for i, (_, is_trim) in enumerate(panels) if is_trim), 0)
+                record = dict(outs[trim_pos].record)
+                if args.compare:
+                    record["baseline_time_s"] = outs[0].record.get("time_s")
+                for b in range(B):
+                    frames = [_panel_frames(streams[b][i], out, b) for i, out in enumerate(outs)]
+                    over = None
+                    if args.overlay:
+                        over = [_overlay_frames(f, out.record, b, grid_w, cell) if panels[i][1] else f
+                                for i, (f, out) in enumerate(zip(frames, outs))]
+                        over = torch.cat(over, dim=2)
+                    outputs[b].write_block(torch.cat(frames, dim=2), over, _video_record(record, b))
+                frames_done = outputs[0].writer.frames_written
+                elapsed = time.perf_counter() - t0
+                post = {"fps": f"{frames_done * B / elapsed:.2f}"}
+                if record.get("prune") is not None:
+                    post["pruned"] = sum(bool(p) for p in record["prune"])
+                bar.set_postfix(post)
+                bar.update(1)
+                if on_block is not None:
+                    on_block(index)
+    except KeyboardInterrupt:
+        status = "interrupted"
+    except BaseException as e:
+        status, error = f"failed: {type(e).__name__}: {e}", e
+    finally:
+        bar.close()
+        for g in gens:
+            g.close()
+        meta = dict(base_meta or {}, status=status, blocks_requested=num_blocks,
+                    wall_s=time.perf_counter() - t0, panels=["no-trim", "tokentrim"] if args.compare else None)
+        for o in outputs:
+            o.finalize(meta)
+    if error is not None:
+        raise error
+    return status, outputs
+
+
+# ------------------------------------------------------------------------------------------ run
+def run_generate(args, on_block=None) -> int:
+    """Entry point of ``tokentrim generate``. Returns the exit code: 0 done, 2 usage error (message
+    on stderr), 130 interrupted (the finished blocks are saved). ``on_block(index)`` is called
+    after each block has been written (tests use it to interrupt a run)."""
+    from tokentrim.video import ModelFolderError
+
+    try:
+        return _run(args, on_block)
+    except (GenerateError, ModelFolderError) as e:
+        print(f"tokentrim generate: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _run(args, on_block) -> int:
+    from tokentrim.video import TextEncoder, WanVAE, check_model_dir
+
+    num_blocks, device, dtype = _check_args(args)
+    prompts = read_prompts(args)
+    paths = _output_paths(Path(args.out), len(prompts))
+    try:
+        trim_cfg = TokenTrimConfig.from_cli_args(args)
+    except (ValueError, TypeError) as e:
+        raise GenerateError(str(e)) from None
+    if args.compare:
+        trim_cfg.enabled = True
+    model_dir = check_model_dir(args.model_dir, need_transformer=args.checkpoint is None)
+    source = str(args.checkpoint or model_dir / "transformer")
+
+    model = load_transformer(args, model_dir, device, dtype)
+    encoder = TextEncoder.load(model_dir, device=device, dtype=dtype, text_len=model.config.text_len)
+    vae = WanVAE.load(model_dir, device=device, dtype=torch.float32)
+    _check_compatible(model, encoder.text_dim, vae.z_dim, source)
+    texts = [encoder.encode(prompts[i : i + args.batch_size]) for i in range(0, len(prompts), args.batch_size)]
+    del encoder  # umT5-xxl is ~11 GB in bf16: free it before the rollout
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    base_meta = {
+        "pipeline": args.pipeline, "model_dir": str(model_dir), "checkpoint": source, "seed": args.seed,
+        "height": args.height, "width": args.width, "fps": 16, "device": str(device), "dtype": str(dtype),
+        "trim": trim_cfg.to_dict() if (args.trim or args.compare) else None, "compare": args.compare,
+        "argv": sys.argv,
+    }
+    written = []
+    for start, text in zip(range(0, len(prompts), args.batch_size), texts):
+        end = start + text.shape[0]
+        status, outputs = generate_batch(model, vae, text, prompts[start:end], paths[start:end], args,
+                                         trim_cfg, num_blocks, on_block, base_meta)
+        written += [o for o in outputs if o.final_path is not None]
+        if status == "interrupted":
+            for o in outputs:
+                where = o.final_path or "nothing (no block had finished)"
+                print(f"interrupted: {len(o.records)} finished block(s) saved to {where}", file=sys.stderr)
+            return EXIT_INTERRUPTED
+    for o in written:
+        print(f"wrote {o.final_path} ({o.writer.frames_written} frames) + {o.path.with_suffix('.json').name}, "
+              f"{o.path.with_suffix('.png').name}", file=sys.stderr)
+    return 0
+
+
+def main(argv=None) -> int:
+    """Standalone entry (``python -m tokentrim.generate ...``), same as ``tokentrim generate``."""
+    parser = argparse.ArgumentParser(prog="tokentrim")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_parser(sub)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

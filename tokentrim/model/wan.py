@@ -1,0 +1,419 @@
+"""The causal Wan2.1 text-to-video DiT (frame-major latents, per-frame modulation).
+
+Parameter names are the original Wan ones (``blocks.N.self_attn.q.weight`` ...), so original
+checkpoints load without renaming. Precision: linear/conv weights and activations in the model
+dtype (bf16 on GPU, fp32 on CPU); the residual stream, norms, modulation, the timestep
+embedding/projection and RoPE in fp32, as upstream Wan.
+
+Three paths share one block implementation:
+
+- ``forward_full``: all frames at once (bidirectional, or restricted by a frame mask) through
+  torch SDPA; the parity path.
+- ``forward_cached``: one block of frames against a ``tokentrim.cache.KVCache``; writes the
+  block's keys/values at the cache's write position and attends with ``ops.masked_attention``.
+- the timestep-0 cache refresh is ``forward_cached`` on clean latents with t = 0
+  (``kv_only=True`` skips the work that only feeds the output).
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tokentrim import ops
+from tokentrim.model.config import WanConfig
+from tokentrim.model.rope import apply_rope, rope_cos_sin, rope_tables
+
+__all__ = ["TextContext", "WanModel", "block_causal_frame_mask", "timestep_sinusoid"]
+
+
+def _is_fp32_param(name: str) -> bool:
+    """Parameters kept in fp32 whatever the model dtype: norms, modulation, time embedding."""
+    return name.startswith(("time_embedding.", "time_projection.")) or name.endswith("modulation") or ".norm" in name
+
+
+def timestep_sinusoid(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal timestep embedding [N, dim] fp32 of t [N]: [cos, sin] halves, freqs 10000**(-i/(dim/2)).
+
+    Computed in float64 (as upstream Wan) and rounded to fp32.
+    """
+    half = dim // 2
+    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    ang = t.to(torch.float64)[:, None] * freqs[None, :]
+    return torch.cat([ang.cos(), ang.sin()], dim=1).float()
+
+
+class RMSNorm(nn.Module):
+    """RMS norm over the last dim (all heads together), computed in fp32; returns x's dtype."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return (y * self.weight.float()).to(x.dtype)
+
+
+class WanAttention(nn.Module):
+    """q/k/v/o projections with across-head RMSNorm on q and k (self- and cross-attention)."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm_q = RMSNorm(dim, eps)
+        self.norm_k = RMSNorm(dim, eps)
+
+    def heads(self, x):
+        return x.unflatten(-1, (self.num_heads, -1))
+
+
+class WanBlock(nn.Module):
+    """One DiT block: modulated self-attention, cross-attention (affine norm3), modulated FFN."""
+
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        d = cfg.dim
+        self.dim, self.eps = d, cfg.eps
+        self.self_attn = WanAttention(d, cfg.num_heads, cfg.eps)
+        self.cross_attn = WanAttention(d, cfg.num_heads, cfg.eps)
+        self.norm3 = nn.LayerNorm(d, eps=cfg.eps, elementwise_affine=True)
+        self.ffn = nn.Sequential(nn.Linear(d, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, d))
+        self.modulation = nn.Parameter(torch.randn(1, 6, d) / d**0.5)
+
+    def _norm(self, x):
+        return F.layer_norm(x, (self.dim,), eps=self.eps)
+
+    def modulation_vectors(self, e0):
+        """e0 [B,F,6,dim] fp32 -> 6 tensors [B,F,1,dim]: shift/scale/gate msa, shift/scale/gate ffn."""
+        return (self.modulation.float() + e0).unsqueeze(3).unbind(2)
+
+    def self_qkv(self, x, mod, rope):
+        """x [B,F,S,dim] fp32 -> (q_rot, k_rot, v, k_raw), each [B, F*S, H, D] in the weight dtype."""
+        shift, scale = mod[0], mod[1]
+        wdt = self.self_attn.q.weight.dtype
+        y = (self._norm(x) * (1 + scale) + shift).to(wdt).flatten(1, 2)
+        a = self.self_attn
+        q = a.heads(a.norm_q(a.q(y)))
+        k = a.heads(a.norm_k(a.k(y)))
+        v = a.heads(a.v(y))
+        cos, sin = rope
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, k
+
+    def finish(self, x, mod, o, ctx_k, ctx_v):
+        """Residual updates after self-attention output o [B,L,H,D]; ctx_k/v [B,H,Lt,D]. Returns new x fp32."""
+        wdt = self.cross_attn.q.weight.dtype
+        x = x + self.self_attn.o(o.flatten(2).to(wdt)).float().view_as(x) * mod[2]
+        y = F.layer_norm(x, (self.dim,), self.norm3.weight.float(), self.norm3.bias.float(), self.eps)
+        c = self.cross_attn
+        q = c.heads(c.norm_q(c.q(y.to(wdt).flatten(1, 2)))).transpose(1, 2)
+        co = F.scaled_dot_product_attention(q, ctx_k, ctx_v).transpose(1, 2).flatten(2)
+        x = x + c.o(co).float().view_as(x)
+        y = (self._norm(x) * (1 + mod[4]) + mod[3]).to(wdt)
+        return x + self.ffn(y).float() * mod[5]
+
+    def forward(self, x, e0, rope, ctx_k, ctx_v, attend):
+        """x [B,F,S,dim] fp32, e0 [B,F,6,dim] fp32; attend(q, k, v, k_raw) -> o [B,L,H,D]."""
+        mod = self.modulation_vectors(e0)
+        q, k, v, k_raw = self.self_qkv(x, mod, rope)
+        return self.finish(x, mod, attend(q, k, v, k_raw), ctx_k, ctx_v)
+
+
+class WanHead(nn.Module):
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        self.dim, self.eps = cfg.dim, cfg.eps
+        p = cfg.patch_size
+        self.head = nn.Linear(cfg.dim, cfg.out_dim * p[0] * p[1] * p[2])
+        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
+
+    def forward(self, x, e):
+        """x [B,F,S,dim] fp32, e [B,F,dim] fp32 (time embedding) -> [B,F,S,out_dim*patch] fp32."""
+        shift, scale = (self.modulation.float() + e.unsqueeze(2)).unsqueeze(3).unbind(2)
+        y = F.layer_norm(x, (self.dim,), eps=self.eps) * (1 + scale) + shift
+        return self.head(y.to(self.head.weight.dtype)).float()
+
+
+@dataclass
+class TextContext:
+    """Per-prompt cross-attention keys/values of every layer.
+
+    k, v: [num_layers, B, H, Lt, D] in the model dtype (Lt = config.text_len). Host sync: none.
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+
+class WanModel(nn.Module):
+    """Wan2.1 T2V DiT with per-frame timesteps and a cached causal forward.
+
+    Args:
+        cfg: the WanConfig.
+        dtype: dtype of the linear/conv weights (norm, modulation and time-embedding weights stay fp32).
+        device: where to build (``"meta"`` for a free skeleton to load into).
+    """
+
+    def __init__(self, cfg: WanConfig, dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        if not isinstance(cfg, WanConfig):
+            raise TypeError(f"cfg must be a WanConfig, got {type(cfg).__name__}")
+        self.config = cfg
+        with torch.device(device) if device is not None else nullcontext():
+            d = cfg.dim
+            self.patch_embedding = nn.Conv3d(cfg.in_dim, d, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+            self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, d), nn.GELU(approximate="tanh"), nn.Linear(d, d))
+            self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, d), nn.SiLU(), nn.Linear(d, d))
+            self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+            self.blocks = nn.ModuleList(WanBlock(cfg) for _ in range(cfg.num_layers))
+            self.head = WanHead(cfg)
+            cos, sin = rope_tables(cfg.head_dim)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.set_dtype(dtype)
+
+    # ------------------------------------------------------------------------------ setup
+    def set_dtype(self, dtype: torch.dtype) -> WanModel:
+        """Cast linear/conv weights to dtype; norm, modulation and time-embedding weights stay fp32."""
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+        for name, p in self.named_parameters():
+            p.data = p.data.to(torch.float32 if _is_fp32_param(name) else dtype)
+        return self
+
+    def param_dtype(self, name: str) -> torch.dtype:
+        """The dtype parameter ``name`` has in a model of weight dtype ``self.dtype``."""
+        return torch.float32 if _is_fp32_param(name) else self.dtype
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.blocks[0].self_attn.q.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.blocks[0].self_attn.q.weight.device
+
+    def reset_rope(self) -> None:
+        """(Re)compute the RoPE tables on the parameters' device (after a meta-device build)."""
+        cos, sin = rope_tables(self.config.head_dim, device=self.device)
+        self.rope_cos, self.rope_sin = cos, sin
+
+    # ------------------------------------------------------------------------------ pieces
+    def prepare_text(self, text: torch.Tensor) -> TextContext:
+        """Text encoder output [B, Lt, text_dim] (Lt <= text_len; zero-padded to text_len as
+        upstream) -> TextContext with every layer's cross-attention K/V. Host sync: none."""
+        cfg = self.config
+        if not isinstance(text, torch.Tensor) or text.dim() != 3 or text.shape[2] != cfg.text_dim:
+            shape = tuple(text.shape) if isinstance(text, torch.Tensor) else type(text).__name__
+            raise ValueError(f"text must be [B, Lt, {cfg.text_dim}], got {shape}")
+        if text.shape[1] > cfg.text_len:
+            raise ValueError(f"text has {text.shape[1]} tokens, more than text_len={cfg.text_len}")
+        if not text.is_floating_point():
+            raise TypeError(f"text must be a floating tensor, got {text.dtype}")
+        text = F.pad(text.to(self.device, self.dtype), (0, 0, 0, cfg.text_len - text.shape[1]))
+        ctx = self.text_embedding(text)
+        ks, vs = [], []
+        for block in self.blocks:
+            c = block.cross_attn
+            ks.append(c.heads(c.norm_k(c.k(ctx))).transpose(1, 2))
+            vs.append(c.heads(c.v(ctx)).transpose(1, 2))
+        return TextContext(torch.stack(ks), torch.stack(vs))
+
+    def _context(self, ctx_or_text, batch: int) -> TextContext:
+        ctx = ctx_or_text if isinstance(ctx_or_text, TextContext) else self.prepare_text(ctx_or_text)
+        if ctx.batch != batch:
+            raise ValueError(f"text context batch {ctx.batch} does not match latents batch {batch}")
+        return ctx
+
+    def _check_latents(self, x: torch.Tensor):
+        cfg = self.config
+        if not isinstance(x, torch.Tensor) or x.dim() != 5 or x.shape[2] != cfg.in_dim:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x must be latents [B, F, {cfg.in_dim}, H, W], got {shape}")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating tensor, got {x.dtype}")
+        cfg.tokens_per_frame(x.shape[3], x.shape[4])
+        return x.shape
+
+    def _timesteps(self, t, B: int, Fr: int, device) -> torch.Tensor:
+        if not isinstance(t, torch.Tensor):
+            t = torch.as_tensor(t, dtype=torch.float32, device=device)
+        if t.dim() == 0:
+            t = t.expand(B)
+        if t.dim() == 1 and t.shape[0] == B:
+            t = t[:, None].expand(B, Fr)
+        if tuple(t.shape) != (B, Fr):
+            raise ValueError(f"t must be [B] = [{B}] or [B, F] = [{B}, {Fr}], got {tuple(t.shape)}")
+        return t.to(device)
+
+    def _embed(self, x):
+        """x [B,F,C,H,W] -> tokens [B,F,S,dim] fp32."""
+        y = self.patch_embedding(x.to(self.dtype).permute(0, 2, 1, 3, 4))  # [B, dim, F, h, w]
+        return y.permute(0, 2, 3, 4, 1).flatten(2, 3).float()
+
+    def _time(self, t):
+        """t [B,F] -> (e [B,F,dim], e0 [B,F,6,dim]) fp32."""
+        e = self.time_embedding(timestep_sinusoid(t.reshape(-1), self.config.freq_dim))
+        e0 = self.time_projection(e).unflatten(-1, (6, self.config.dim))
+        return e.view(*t.shape, -1), e0.view(*t.shape, 6, -1)
+
+    def _unpatchify(self, out, H: int, W: int):
+        """[B,F,S,C*ph*pw] -> [B,F,C,H,W] fp32."""
+        B, Fr = out.shape[:2]
+        _, ph, pw = self.config.patch_size
+        h, w = H // ph, W // pw
+        out = out.view(B, Fr, h, w, ph, pw, self.config.out_dim).permute(0, 1, 6, 2, 4, 3, 5)
+        return out.reshape(B, Fr, self.config.out_dim, H, W)
+
+    # ------------------------------------------------------------------------------ forwards
+    def forward_full(self, x, t, ctx_or_text, frame_mask=None):
+        """All frames in one pass.
+
+        Args:
+            x: latents [B, F, in_dim, H, W] (any float dtype; cast to the model dtype).
+            t: timesteps [B] or per-frame [B, F] (0..1000).
+            ctx_or_text: a TextContext or text encoder output [B, Lt, text_dim].
+            frame_mask: optional [F, F] bool (query frame, key frame), True = attend;
+                None = bidirectional over all frames. Every frame must attend to itself.
+
+        Returns:
+            flow prediction [B, F, out_dim, H, W] fp32.
+        """
+        B, Fr, _, H, W = self._check_latents(x)
+        ctx = self._context(ctx_or_text, B)
+        t = self._timesteps(t, B, Fr, x.device)
+        _, ph, pw = self.config.patch_size
+        S = self.config.tokens_per_frame(H, W)
+        mask = None
+        if frame_mask is not None:
+            if not isinstance(frame_mask, torch.Tensor) or frame_mask.dtype != torch.bool or tuple(frame_mask.shape) != (Fr, Fr):
+                got = (tuple(frame_mask.shape), frame_mask.dtype) if isinstance(frame_mask, torch.Tensor) else type(frame_mask)
+                raise ValueError(f"frame_mask must be a bool tensor [F, F] = [{Fr}, {Fr}], got {got}")
+            mask = frame_mask.to(x.device).repeat_interleave(S, 0).repeat_interleave(S, 1)
+        h = self._embed(x)
+        e, e0 = self._time(t)
+        rope = rope_cos_sin(self.rope_cos, self.rope_sin, 0, Fr, H // ph, W // pw)
+
+        def attend(q, k, v, k_raw):
+            o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+            return o.transpose(1, 2)
+
+        for i, block in enumerate(self.blocks):
+            h = block(h, e0, rope, ctx.k[i], ctx.v[i], attend)
+        return self._unpatchify(self.head(h, e), H, W)
+
+    def forward_cached(self, x, t, ctx, cache, frame_start, kv_only: bool = False):
+        """One block of frames against the KV cache (does not commit).
+
+        For every layer the block's keys (after RoPE, at frames frame_start..) and values are
+        written at ``cache.length`` and the block attends with ``ops.masked_attention`` over
+        the cache up to ``cache.attend_len(T)`` under ``cache.keep``. With ``cache.raw_sink``
+        the un-rotated keys are handed over too, and once the sink is committed its raw keys are
+        re-rotated to start at ``cache.sink_rope_frame_start(frame_start)`` every forward.
+
+        Args:
+            x: latents [B, Fb, in_dim, H, W].
+            t: timesteps [B, Fb] (or [B]).
+            ctx: TextContext (or text [B, Lt, text_dim]).
+            cache: tokentrim.cache.KVCache with matching layers/heads/head_dim/tokens_per_frame.
+            frame_start: absolute latent frame of the block's first frame: int or 0-dim int64
+                device tensor (graph-safe).
+            kv_only: only write the cache (the timestep-0 refresh): skips the last layer's
+                attention/FFN and the head, returns None.
+
+        Returns:
+            flow prediction [B, Fb, out_dim, H, W] fp32, or None with kv_only.
+
+        Host sync: none (with a tensor frame_start).
+        """
+        B, Fb, _, H, W = self._check_latents(x)
+        ctx = self._context(ctx, B)
+        t = self._timesteps(t, B, Fb, x.device)
+        cfg = self.config
+        _, ph, pw = cfg.patch_size
+        S = cfg.tokens_per_frame(H, W)
+        self._check_cache(cache, B, S)
+        T = Fb * S
+        h = self._embed(x)
+        e, e0 = self._time(t)
+        rope = rope_cos_sin(self.rope_cos, self.rope_sin, frame_start, Fb, H // ph, W // pw)
+        kv_len = cache.attend_len(T)
+        sink_rope = None
+        raw_sink = bool(cache.raw_sink)
+        if raw_sink and cache.sink_frames > 0 and len(cache.frames) >= cache.sink_frames:
+            start = _sink_rope_start(cache, frame_start)
+            sink_rope = rope_cos_sin(self.rope_cos, self.rope_sin, start, cache.sink_frames, H // ph, W // pw)
+        last = len(self.blocks) - 1
+        cdt = cache.dtype
+        for i, block in enumerate(self.blocks):
+            mod = block.modulation_vectors(e0)
+            q, k, v, k_raw = block.self_qkv(h, mod, rope)
+            cache.write(i, k.to(cdt), v.to(cdt), k_raw=k_raw.to(cdt) if raw_sink else None)
+            if kv_only and i == last:
+                return None
+            ck = cache.k(i)
+            if sink_rope is not None:
+                ck[:, : cache.sink_tokens].copy_(apply_rope(cache.sink_raw[i], *sink_rope))
+            o = ops.masked_attention(q.to(cdt), ck, cache.v(i), keep=cache.keep, kv_len=kv_len)
+            h = block.finish(h, mod, o, ctx.k[i], ctx.v[i])
+        return self._unpatchify(self.head(h, e), H, W)
+
+    def _check_cache(self, cache, B: int, S: int):
+        cfg = self.config
+        want = dict(num_layers=cfg.num_layers, batch=B, num_heads=cfg.num_heads, head_dim=cfg.head_dim, tokens_per_frame=S)
+        got = {k: getattr(cache, k, None) for k in want}
+        if got != want:
+            raise ValueError(f"cache does not fit the model/latents: expected {want}, got {got}")
+
+
+def _sink_rope_start(cache, frame_start):
+    """``cache.sink_rope_frame_start`` for an int or a 0-dim device tensor frame_start.
+
+    The committed sink sits right before the oldest committed non-sink frame (host-known), or
+    right before the block when none is committed: then the start is frame_start - sink_frames,
+    kept on the device for a tensor frame_start. Host sync: none.
+    """
+    if not isinstance(frame_start, torch.Tensor):
+        return cache.sink_rope_frame_start(frame_start)
+    if len(cache.frames) > cache.sink_frames:  # the answer does not depend on the block start
+        return cache.sink_rope_frame_start(cache.frames[-1] + 1)
+    return frame_start - cache.sink_frames
+
+
+def block_causal_frame_mask(F: int, block_frames: int, sink_frames: int = 0, window_frames=None) -> torch.Tensor:
+    """[F, F] bool frame mask (query frame, key frame), True = attend.
+
+    Frames are grouped in blocks of ``block_frames`` (the last may be shorter). A query frame
+    sees every frame of its own block and of earlier blocks. With ``window_frames`` it only
+    sees the last ``window_frames`` frames up to its block's end (the block included), plus the
+    first ``sink_frames`` frames: what a KVCache of max_frames = sink_frames + window_frames
+    with rolling eviction holds.
+    """
+    for name, val in (("F", F), ("block_frames", block_frames)):
+        if not isinstance(val, int) or val <= 0:
+            raise ValueError(f"{name} must be a positive int, got {val!r}")
+    if not isinstance(sink_frames, int) or sink_frames < 0:
+        raise ValueError(f"sink_frames must be an int >= 0, got {sink_frames!r}")
+    kf = torch.arange(F)
+    block_end = torch.clamp((kf // block_frames + 1) * block_frames, max=F)
+    mask = kf[None, :] < block_end[:, None]
+    if window_frames is not None:
+        if not isinstance(window_frames, int) or window_frames < block_frames:
+            raise ValueError(f"window_frames must be an int >= block_frames ({block_frames}), got {window_frames!r}")
+        mask &= (kf[None, :] >= block_end[:, None] - window_frames) | (kf[None, :] < sink_frames)
+    return mask
+

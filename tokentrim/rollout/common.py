@@ -1,0 +1,252 @@
+"""Pieces shared by the Self Forcing and Rolling Forcing loops: results, noise, model facts, TokenTrim.
+
+Noise: every block ``b`` draws all of its Gaussian noise (the initial noise and one tensor per
+re-noising) from its own CPU ``torch.Generator`` seeded with ``block_seed(seed, b, attempt)``, in
+float32, then moves it to the model's device. So a block's noise does not depend on the device,
+on what earlier blocks did (regenerations, detection) or on the batch size of other calls, and a
+regeneration with ``same_noise`` reuses exactly the tensors of the first attempt.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from tokentrim import ops
+from tokentrim.config import TokenTrimConfig
+from tokentrim.profiling import nvtx_range
+
+
+@dataclass
+class BlockOutput:
+    """One accepted block, as ``iter_blocks`` yields it.
+
+    Attributes:
+        index: block index (0-based).
+        latents: [B, block_frames, C, H, W] float32 clean latents on the model's device.
+        record: the block's telemetry dict (see ``BlockRecorder``).
+    """
+
+    index: int
+    latents: torch.Tensor
+    record: dict
+
+
+@dataclass
+class RolloutResult:
+    """A finished rollout.
+
+    Attributes:
+        latents: [B, F, C, H, W] float32 on the CPU, F = num_blocks * block_frames.
+        records: one telemetry dict per block.
+        timings: ``total_s``, ``block_s`` (list), ``latent_frames``, ``pixel_frames`` (4F-3),
+            ``latent_fps``, ``pixel_fps``, ``forwards`` (model forward calls).
+        windows: Rolling Forcing only: one dict per window forward (frames, per-frame timesteps).
+    """
+
+    latents: torch.Tensor
+    records: list[dict]
+    timings: dict
+    windows: list[dict] = field(default_factory=list)
+
+
+def pixel_frames(latent_frames: int) -> int:
+    """Pixel frames the Wan VAE decodes from ``latent_frames`` latent frames: 4F - 3."""
+    return max(0, 4 * latent_frames - 3)
+
+
+def block_seed(seed: int, block: int, attempt: int = 0) -> int:
+    """Seed of block ``block``'s generator (``attempt`` > 0: fresh noise for a regeneration)."""
+    return (seed * 1_000_003 + block * 7_919 + attempt * 104_729) % (2**63 - 1)
+
+
+def block_noise(seed: int, block: int, count: int, shape, device, attempt: int = 0) -> torch.Tensor:
+    """[count, *shape] float32 standard normal noise of one block, drawn on the CPU, on ``device``."""
+    gen = torch.Generator(device="cpu").manual_seed(block_seed(seed, block, attempt))
+    return torch.randn((count, *shape), generator=gen, dtype=torch.float32).to(device)
+
+
+def check_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def check_steps(name: str, steps) -> tuple[int, ...]:
+    steps = tuple(steps)
+    if not steps or not all(isinstance(s, int) and not isinstance(s, bool) and 0 < s <= 1000 for s in steps):
+        raise ValueError(f"{name} must be a non-empty sequence of ints in (0, 1000], got {steps}")
+    if any(a <= b for a, b in zip(steps, steps[1:])):
+        raise ValueError(f"{name} must be strictly decreasing, got {steps}")
+    return steps
+
+
+class ModelFacts:
+    """What the loops need to know about a ``WanModel``: sizes, dtype, device, patch."""
+
+    def __init__(self, model):
+        cfg = getattr(model, "config", None)
+        if cfg is None:
+            raise TypeError(f"model must be a WanModel (with a .config WanConfig), got {type(model).__name__}")
+        self.config = cfg
+        self.num_layers = cfg.num_layers
+        self.num_heads = cfg.num_heads
+        self.head_dim = cfg.dim // cfg.num_heads
+        self.channels = cfg.in_dim
+        self.patch = tuple(cfg.patch_size[1:])
+        param = next(model.parameters())
+        self.dtype = getattr(model, "dtype", param.dtype)
+        self.device = getattr(model, "device", param.device)
+
+    def tokens_per_frame(self, height: int, width: int) -> int:
+        check_int("height", height, 1)
+        check_int("width", width, 1)
+        ph, pw = self.patch
+        if height % ph or width % pw:
+            raise ValueError(
+                f"latent height and width must be multiples of the patch ({ph}, {pw}), got ({height}, {width})"
+            )
+        return (height // ph) * (width // pw)
+
+
+def prepare_text(model, text):
+    """A ``TextContext`` from ``text`` [B, Lt, text_dim] (prepared once), or ``text`` if already one.
+
+    Returns (ctx, batch size).
+    """
+    if isinstance(text, torch.Tensor):
+        if text.dim() != 3:
+            raise ValueError(f"text must be [B, Lt, text_dim] or a TextContext, got shape {tuple(text.shape)}")
+        return model.prepare_text(text), int(text.shape[0])
+    batch = getattr(text, "batch", None)
+    if batch is None:
+        for name in ("k", "keys", "text"):
+            t = getattr(text, name, None)
+            if isinstance(t, torch.Tensor):
+                batch = int(t.shape[0])
+                break
+            if isinstance(t, (list, tuple)) and t and isinstance(t[0], torch.Tensor):
+                batch = int(t[0].shape[0])
+                break
+    if batch is None:
+        raise TypeError(f"text must be a [B, Lt, text_dim] tensor or a TextContext, got {type(text).__name__}")
+    return text, int(batch)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class TrimHook:
+    """TokenTrim as the loops use it: controller, decisions and the cache masking.
+
+    Inactive (``active`` False) when ``trim`` is None or ``trim.enabled`` is False: the loops then
+    skip every TokenTrim step, so the rollout is exactly the plain one.
+    """
+
+    def __init__(self, trim: TokenTrimConfig | None, batch: int, compact_after_prune: bool = False):
+        if trim is not None and not isinstance(trim, TokenTrimConfig):
+            raise TypeError(f"trim must be a TokenTrimConfig or None, got {type(trim).__name__}")
+        self.config = trim
+        self.active = trim is not None and trim.enabled
+        self.compact_after_prune = compact_after_prune
+        if self.active and compact_after_prune and not trim.persist:
+            raise ValueError("compact_after_prune=True deletes pruned tokens, so it needs TokenTrimConfig.persist=True")
+        self.controller = None
+        if self.active:
+            from tokentrim.trim import TokenTrimController
+
+            self.controller = TokenTrimController(trim, batch)
+
+    def decide(self, cand: torch.Tensor, prev: torch.Tensor, block: int):
+        with nvtx_range("detect", block=block):
+            return self.controller.decide(cand, prev, block)
+
+    def severity(self, cand: torch.Tensor, prev: torch.Tensor) -> list[float]:
+        """Drift severity [B] of ``cand`` vs ``prev`` (host floats; one sync)."""
+        ph, pw = self.config.patch
+        k = self.config.k_for((cand.shape[-2] // ph) * (cand.shape[-1] // pw))
+        _, _, sev = ops.drift_topk(cand, prev, k, self.config.patch, check_finite_inputs=False)
+        return sev.double().cpu().tolist()
+
+    def prune(self, cache, decision, videos, prev_frames: list[int]) -> int:
+        """Mask ``decision.unstable_idx[v]`` for each video in ``videos``: in ``prev_frames`` (scope
+        "previous") or every non-sink frame (scope "all"). Returns the number of videos masked."""
+        with nvtx_range("prune", block=decision.block_index):
+            frames = None
+            if self.config.scope == "previous":
+                frames = [f for f in prev_frames if f in cache.frames]
+                if cache.raw_sink:
+                    sink = set(cache.frames[: cache.sink_frames])
+                    frames = [f for f in frames if f not in sink]
+                if not frames:
+                    return 0
+            for v in videos:
+                cache.prune(v, decision.unstable_idx[v], frames=frames)
+            if self.compact_after_prune and videos:
+                cache.compact()
+            return len(videos)
+
+    def after_block(self, cache) -> None:
+        """Undo the masks when they do not persist (``persist=False``)."""
+        if self.active and not self.config.persist:
+            cache.unprune_all()
+
+
+class BlockRecorder:
+    """Builds the per-block telemetry records and the run timings.
+
+    A record: ``block``, ``frame_start``, ``num_frames``, ``time_s``, ``forwards``, and when TokenTrim
+    is active the controller's record fields (``severity``, ``threshold``, ``prune``, ``detected``,
+    ``warming_up``, ``regenerated``, ``regenerations`` (per video), ``accepted_severity``, ...)
+    plus ``final_severity`` (= accepted severity) and ``num_regenerations`` (regeneration passes of
+    the batch). Blocks without a decision (block 0, TokenTrim off) carry ``None`` there.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.records: list[dict] = []
+        self.block_s: list[float] = []
+        self.forwards = 0
+        self.t_start = time.perf_counter()
+        self._t_block = self.t_start
+
+    def start_block(self) -> None:
+        self._t_block = time.perf_counter()
+
+    def finish_block(self, index: int, frame_start: int, num_frames: int, forwards: int, trim_record: dict | None,
+                     passes: int, extra: dict | None = None) -> dict:
+        sync(self.device)
+        dt = time.perf_counter() - self._t_block
+        self.block_s.append(dt)
+        self.forwards += forwards
+        rec = {"block": index, "frame_start": frame_start, "num_frames": num_frames, "time_s": dt, "forwards": forwards}
+        if trim_record is not None:
+            rec.update({k: v for k, v in trim_record.items() if k != "block"})
+            rec["final_severity"] = trim_record.get("accepted_severity")
+        else:
+            rec.update({"severity": None, "threshold": None, "prune": None, "regenerated": None,
+                        "regenerations": None, "final_severity": None})
+        rec["num_regenerations"] = passes
+        if extra:
+            rec.update(extra)
+        self.records.append(rec)
+        self._t_block = time.perf_counter()
+        return rec
+
+    def timings(self, latent_frames: int) -> dict:
+        total = time.perf_counter() - self.t_start
+        return {
+            "total_s": total,
+            "block_s": list(self.block_s),
+            "latent_frames": latent_frames,
+            "pixel_frames": pixel_frames(latent_frames),
+            "latent_fps": latent_frames / total if total > 0 else float("nan"),
+            "pixel_fps": pixel_frames(latent_frames) / total if total > 0 else float("nan"),
+            "forwards": self.forwards,
+        }

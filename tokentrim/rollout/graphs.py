@@ -1,0 +1,99 @@
+"""A runner for ``model.forward_cached`` that captures and replays CUDA graphs.
+
+On CUDA (with ``enabled``) the cached forward is captured once per distinct *capture key* into a
+``torch.cuda.CUDAGraph`` whose inputs are static buffers: ``x`` [B, F, C, H, W] (model dtype),
+``t`` [B, F] float32 and ``frame_start`` (a 0-dim int64 device tensor). Every later call copies its
+inputs into those buffers and replays. The capture key is the query shape plus the host-side cache
+state that changes control flow inside the forward (whether Rolling Forcing's raw sink is still
+being written, and where the sink is rotated relative to the block). Everything else that changes
+between steps - cache lengths, write offsets, keep masks, compaction - lives in device tensors
+that the cache updates in place, so captures stay valid (docs/internals.md, graph-safety rule).
+Eviction (``cache.prepare``), pruning and compaction run outside the graphs, between replays.
+
+On the CPU, or with ``enabled=False``, the runner calls the model eagerly with the same arguments.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tokentrim.profiling import nvtx_range
+
+
+class GraphRunner:
+    """Run ``model.forward_cached(x, t, ctx, cache, frame_start)`` eagerly or through CUDA graphs.
+
+    Args:
+        model: a ``WanModel``.
+        ctx: the ``TextContext`` every call uses (captured by reference).
+        cache: the ``KVCache`` every call uses (captured by reference; its buffers never move).
+        enabled: use CUDA graphs when the model is on CUDA; otherwise always eager.
+        warmup: eager runs on a side stream before each capture (lets Triton autotune and compile).
+    """
+
+    def __init__(self, model, ctx, cache, enabled: bool = True, warmup: int = 2):
+        self.model = model
+        self.ctx = ctx
+        self.cache = cache
+        device = next(model.parameters()).device
+        self.device = device
+        self.use_graphs = bool(enabled) and device.type == "cuda"
+        self.warmup = warmup
+        self.graphs: dict[tuple, tuple] = {}
+        self.calls = 0
+        self.captures = 0
+        self._pool = None
+
+    def _key(self, x: torch.Tensor, frame_start: int, kv_only: bool) -> tuple:
+        cache = self.cache
+        key = (tuple(x.shape), kv_only)
+        if getattr(cache, "raw_sink", False):
+            # The model rotates the raw sink at a host-int frame (cache.sink_rope_frame_start), so
+            # that absolute frame is baked into a capture: Rolling Forcing windows at different
+            # positions need their own graphs until the model takes it as a device tensor.
+            writing_sink = len(cache.frames) < cache.sink_frames
+            key += (writing_sink, None if writing_sink else cache.sink_rope_frame_start(frame_start))
+        return key
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, frame_start: int, kv_only: bool = False):
+        """Predicted flow [B, F, C, H, W] fp32 for ``x`` at timesteps ``t`` [B, F] float32, or None
+        with ``kv_only`` (cache refresh: only the K/V writes matter).
+
+        Host sync: none on the graph path (inputs are copied into static buffers, then replay).
+        """
+        self.calls += 1
+        with nvtx_range("forward", frames=x.shape[1]):
+            if not self.use_graphs:
+                return self.model.forward_cached(x, t, self.ctx, self.cache, frame_start, kv_only=kv_only)
+            key = self._key(x, frame_start, kv_only)
+            entry = self.graphs.get(key)
+            if entry is None:
+                entry = self._capture(key, x, t, frame_start, kv_only)
+            graph, xs, ts, fs, out = entry
+            xs.copy_(x)
+            ts.copy_(t)
+            fs.fill_(frame_start)
+            graph.replay()
+            return None if out is None else out.clone()
+
+    def _capture(self, key, x, t, frame_start, kv_only):
+        xs = x.detach().clone()
+        ts = t.detach().to(torch.float32).clone()
+        fs = torch.full((), frame_start, dtype=torch.int64, device=self.device)
+        # Warm-up writes the block's K/V into the uncommitted slots at cache.length only; the real
+        # call below rewrites them, so the cache is unchanged by the capture.
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup):
+                self.model.forward_cached(xs, ts, self.ctx, self.cache, fs, kv_only=kv_only)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            out = self.model.forward_cached(xs, ts, self.ctx, self.cache, fs, kv_only=kv_only)
+        entry = (graph, xs, ts, fs, out)
+        self.graphs[key] = entry
+        self.captures += 1
+        return entry

@@ -1,0 +1,284 @@
+"""Self Forcing inference (REFERENCE.md section 3) with TokenTrim (DESIGN.md "Rollouts").
+
+Per block b of ``block_frames`` latent frames starting at absolute frame ``b * block_frames``:
+
+1. ``cache.prepare(block_frames)``: past ``cache_frames`` committed frames the oldest non-sink
+   frames are evicted (the first ``sink_frames`` stay); RoPE positions are never re-based.
+2. Denoising: x = noise; for each warped timestep t_i: flow = forward_cached(x, t_i); x0 = x - sigma_i
+   * flow; if not last: x = (1 - sigma_{i+1}) x0 + sigma_{i+1} * fresh noise. The noisy block's K/V are
+   written at the cache's end but not committed.
+3. TokenTrim (blocks >= 1): the x0 of step ``detect_step`` is the candidate; the controller compares
+   it with the previous accepted block. Videos it flags get the unstable token positions masked in
+   the cache (all layers), and the block is denoised again from its first step (same noise by
+   default). Only flagged videos take the regenerated result. ``accept`` feeds the statistics with
+   the severity of the block finally accepted (the regenerated candidate's, for regenerated videos).
+4. Cache refresh: one forward of the clean x0 at timestep 0 rewrites the block's K/V, then
+   ``cache.commit`` (skipped for the last block unless ``refresh_last_block``, as upstream).
+5. ``persist=False``: every mask is lifted after the block.
+
+Latents are kept in float32 between steps (the x0/re-noise arithmetic runs in float64, as
+upstream); the model sees them cast to its own dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from tokentrim.config import TokenTrimConfig
+from tokentrim.profiling import nvtx_range
+from tokentrim.rollout.common import (
+    BlockOutput,
+    BlockRecorder,
+    ModelFacts,
+    RolloutResult,
+    TrimHook,
+    block_noise,
+    check_int,
+    check_steps,
+    prepare_text,
+)
+from tokentrim.rollout.graphs import GraphRunner
+from tokentrim.rollout.schedule import FlowSchedule
+
+
+@dataclass
+class SelfForcingConfig:
+    """Self Forcing settings (defaults: the published inference setup).
+
+    Attributes:
+        block_frames: latent frames per AR block (3).
+        denoising_steps: nominal steps, warped through the shifted schedule ((1000, 750, 500, 250)).
+        shift: flow-matching timestep shift (5.0).
+        cache_frames: KV cache capacity in latent frames (21 = 5 s); longer rollouts evict.
+        sink_frames: frames kept forever once the cache is full (3); 0 = plain rolling window.
+        refresh_last_block: also run the timestep-0 cache refresh after the last block.
+        compact_after_prune: delete pruned cache tokens right after masking (needs persist).
+        use_graphs: capture the cached forward into CUDA graphs (CUDA only).
+    """
+
+    block_frames: int = 3
+    denoising_steps: tuple[int, ...] = (1000, 750, 500, 250)
+    shift: float = 5.0
+    cache_frames: int = 21
+    sink_frames: int = 3
+    refresh_last_block: bool = False
+    compact_after_prune: bool = False
+    use_graphs: bool = False
+
+    def __post_init__(self):
+        check_int("SelfForcingConfig.block_frames", self.block_frames, 1)
+        self.denoising_steps = check_steps("SelfForcingConfig.denoising_steps", self.denoising_steps)
+        if isinstance(self.shift, bool) or not isinstance(self.shift, (int, float)) or not self.shift > 0:
+            raise ValueError(f"SelfForcingConfig.shift must be a positive number, got {self.shift!r}")
+        check_int("SelfForcingConfig.sink_frames", self.sink_frames, 0)
+        check_int("SelfForcingConfig.cache_frames", self.cache_frames, 1)
+        need = self.sink_frames + 2 * self.block_frames
+        if self.cache_frames < need:
+            raise ValueError(
+                f"SelfForcingConfig.cache_frames must hold the sink, the previous block and the new one "
+                f"(>= sink_frames + 2*block_frames = {need}), got {self.cache_frames}"
+            )
+        for name in ("refresh_last_block", "compact_after_prune", "use_graphs"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"SelfForcingConfig.{name} must be a bool, got {getattr(self, name)!r}")
+
+
+class SelfForcingRollout:
+    """Self Forcing block-causal rollout of a ``WanModel`` with optional TokenTrim.
+
+    Args:
+        model: a ``WanModel`` (any dtype/device; latents follow its device).
+        config: ``SelfForcingConfig`` (default settings if None).
+        trim: ``TokenTrimConfig`` or None. None or ``enabled=False`` runs the plain rollout.
+        use_graphs: CUDA graphs for the cached forward (or ``config.use_graphs``); eager on CPU.
+    """
+
+    def __init__(self, model, config: SelfForcingConfig | None = None, trim: TokenTrimConfig | None = None,
+                 use_graphs: bool = False):
+        if config is None:
+            config = SelfForcingConfig()
+        if not isinstance(config, SelfForcingConfig):
+            raise TypeError(f"config must be a SelfForcingConfig, got {type(config).__name__}")
+        if trim is not None and not isinstance(trim, TokenTrimConfig):
+            raise TypeError(f"trim must be a TokenTrimConfig or None, got {type(trim).__name__}")
+        self.model = model
+        self.config = config
+        self.trim = trim
+        self.use_graphs = bool(use_graphs or config.use_graphs)
+        self.facts = ModelFacts(model)
+        self.schedule = FlowSchedule(config.shift)
+        self.timesteps = self.schedule.warp(config.denoising_steps)  # [S] float32
+        if trim is not None and trim.enabled:
+            trim.resolve_detect_step(len(self.timesteps))  # validates detect_step
+        self.cache = None
+        self.runner = None
+        self.hook = None
+
+    # ------------------------------------------------------------------------------------ public
+    def run(self, text, num_blocks: int, height: int, width: int, seed: int = 0, progress: bool = False) -> RolloutResult:
+        """Generate ``num_blocks`` blocks; returns latents [B, num_blocks*block_frames, C, H, W] f32 (CPU).
+
+        Args:
+            text: [B, Lt, text_dim] text embeddings or a ``TextContext`` from ``model.prepare_text``.
+            num_blocks: AR blocks (>= 1).
+            height, width: latent size (multiples of the model's spatial patch).
+            seed: noise seed.
+            progress: show a tqdm bar per block.
+        """
+        blocks = []
+        it = self.iter_blocks(text, num_blocks, height, width, seed=seed)
+        if progress:
+            from tqdm import tqdm
+
+            it = tqdm(it, total=num_blocks, desc="self-forcing", unit="block")
+        for out in it:
+            blocks.append(out.latents.float().cpu())
+        latents = torch.cat(blocks, dim=1)
+        return RolloutResult(latents, list(self.recorder.records), self.recorder.timings(latents.shape[1]))
+
+    def iter_blocks(self, text, num_blocks: int, height: int, width: int, seed: int = 0) -> Iterator[BlockOutput]:
+        """Yield each block as soon as it is accepted: ``BlockOutput(index, latents [B, block_frames, C,
+        H, W] f32 on the model's device, record)``. Same arguments as ``run``."""
+        check_int("num_blocks", num_blocks, 1)
+        check_int("seed", seed, 0)
+        tpf = self.facts.tokens_per_frame(height, width)
+        ctx, batch = prepare_text(self.model, text)
+        cfg, facts = self.config, self.facts
+        self.cache = self._make_cache(batch, tpf)
+        self.runner = GraphRunner(self.model, ctx, self.cache, enabled=self.use_graphs)
+        self.hook = TrimHook(self.trim, batch, cfg.compact_after_prune)
+        self.recorder = BlockRecorder(facts.device)
+        self._shape = (batch, cfg.block_frames, facts.channels, height, width)
+        self._seed = seed
+        prev = None
+        with torch.no_grad():
+            for b in range(num_blocks):
+                self.recorder.start_block()
+                with nvtx_range("block", index=b):
+                    x0, trim_record, passes, forwards = self._block(b, prev)
+                    if b < num_blocks - 1 or cfg.refresh_last_block:
+                        self._refresh(x0, b)
+                        forwards += 1
+                    self.hook.after_block(self.cache)
+                rec = self.recorder.finish_block(b, b * cfg.block_frames, cfg.block_frames, forwards, trim_record, passes)
+                prev = x0
+                yield BlockOutput(b, x0, rec)
+
+    @property
+    def controller(self):
+        """The ``TokenTrimController`` of the last run (None when TokenTrim is off)."""
+        return None if self.hook is None else self.hook.controller
+
+    # ---------------------------------------------------------------------------------- pieces
+    def _make_cache(self, batch: int, tpf: int):
+        from tokentrim.cache import KVCache
+
+        f = self.facts
+        return KVCache(f.num_layers, batch, f.num_heads, f.head_dim, tpf, self.config.cache_frames,
+                       sink_frames=self.config.sink_frames, dtype=f.dtype, device=f.device)
+
+    def _noise(self, b: int, attempt: int = 0) -> torch.Tensor:
+        """[S, B, F, C, H, W]: initial noise, then one tensor per re-noising."""
+        return block_noise(self._seed, b, len(self.timesteps), self._shape, self.facts.device, attempt)
+
+    def _t(self, value: float) -> torch.Tensor:
+        B, F = self._shape[:2]
+        return torch.full((B, F), float(value), dtype=torch.float32, device=self.facts.device)
+
+    def _denoise(self, noise: torch.Tensor, b: int, detect: int | None, on_candidate=None):
+        """Run the denoising steps of block ``b`` from ``noise`` [S, B, F, C, H, W].
+
+        At step ``detect`` the x0 is the candidate; ``on_candidate(x0)`` returning True aborts
+        (a regeneration follows). Returns (x0 f32 or None if aborted, candidate or None, forwards).
+        """
+        fs = b * self.config.block_frames
+        x = noise[0]
+        cand = None
+        n = 0
+        for i, t in enumerate(self.timesteps.tolist()):
+            with nvtx_range("step", block=b, step=i):
+                flow = self.runner(x.to(self.facts.dtype), self._t(t), fs)
+                n += 1
+                x0 = self.schedule.x0_from_flow(flow, x, t)
+                if i == detect:
+                    cand = x0
+                    if on_candidate is not None and on_candidate(x0):
+                        return None, cand, n
+                if i + 1 < len(self.timesteps):
+                    x = self.schedule.renoise(x0, noise[i + 1], float(self.timesteps[i + 1]))
+        return x0, cand, n
+
+    def _block(self, b: int, prev: torch.Tensor | None):
+        """One accepted block: (x0 [B,F,C,H,W] f32, trim record or None, regeneration passes, forwards)."""
+        cfg, hook = self.config, self.hook
+        self.cache.prepare(cfg.block_frames)
+        noise = self._noise(b)
+        if not hook.active or prev is None:
+            x0, _, n = self._denoise(noise, b, None)
+            return x0, None, 0, n
+
+        tcfg = hook.config
+        S = len(self.timesteps)
+        detect = tcfg.resolve_detect_step(S)
+        max_regen = tcfg.max_regenerations
+        B = self._shape[0]
+        prev_frames = list(range((b - 1) * cfg.block_frames, b * cfg.block_frames))
+        state = {"eligible": [True] * B, "allow": max_regen > 0}
+
+        def on_candidate(cand):
+            d = hook.decide(cand, prev, b)
+            d.prune = [p and state["eligible"][v] for v, p in enumerate(d.prune)]
+            state["d"] = d
+            return state["allow"] and d.any_prune
+
+        x0, cand, forwards = self._denoise(noise, b, detect, on_candidate)
+        first = d = state["d"]
+        # the full x0 of each video from the latest pass that finished (detect at the last step:
+        # the aborted pass finished too); None when a pass aborted early
+        best = x0 if x0 is not None else (cand if detect == S - 1 else None)
+        final_sev = list(first.severity)
+        regen = [0] * B
+        passes = 0
+        redo = torch.zeros(B, dtype=torch.bool)
+        while x0 is None:  # some video flagged and a regeneration allowed
+            videos = [v for v in range(B) if d.prune[v]]
+            hook.prune(self.cache, d, videos, prev_frames)
+            passes += 1
+            for v in videos:
+                regen[v] += 1
+            redo = torch.tensor([v in videos for v in range(B)])
+            sel = redo.to(noise.device).view(1, B, 1, 1, 1, 1)
+            if not tcfg.same_noise:
+                noise = torch.where(sel, self._noise(b, attempt=passes), noise)
+            state["eligible"] = redo.tolist()
+            state["allow"] = passes < max_regen
+            with nvtx_range("regenerate", block=b, attempt=passes):
+                x0, cand, n = self._denoise(noise, b, detect, on_candidate)
+            forwards += n
+            d = state["d"]
+            for v in videos:
+                final_sev[v] = d.severity[v]  # the regenerated candidate vs the previous block
+            full = x0 if x0 is not None else (cand if detect == S - 1 else None)
+            if full is None or best is None:
+                best = full
+            else:
+                best = torch.where(sel[0], full, best)
+        if passes:
+            # videos not regenerated in the last pass keep their own earlier result (equal when
+            # it was recomputed: same noise, cache unchanged for them)
+            x0 = best
+        if max_regen == 0 and first.any_prune:
+            # no regeneration allowed: the masks apply to later blocks only
+            hook.prune(self.cache, first, [v for v in range(B) if first.prune[v]], prev_frames)
+        record = hook.controller.accept(first, final_severity=final_sev, regenerated=regen)
+        return x0, record, passes, forwards
+
+    def _refresh(self, x0: torch.Tensor, b: int) -> None:
+        """Timestep-0 forward of the clean block: rewrites its K/V, then commits it."""
+        fs = b * self.config.block_frames
+        with nvtx_range("cache_refresh", block=b):
+            self.runner(x0.to(self.facts.dtype), self._t(0.0), fs, kv_only=True)
+            self.cache.commit(fs, self.config.block_frames)
