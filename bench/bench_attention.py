@@ -1,142 +1,85 @@
-"""Benchmark section "attention": masked attention over a pruned KV cache against its peers.
-
-Section module for bench/run.py: ``SECTION``, ``add_arguments(parser)``, ``run(args, device)``.
-Rows are long format: section, name, impl, shape, dtype, metric, value, unit, baseline, ratio.
+"""Section "attention": masked attention over a pruned KV cache, against its peers in the same run.
 
 CUDA (Wan2.1 shapes): B=1, H=12, D=128, Lq=4680, Lk in {4680, 14040, 32760}, keep fraction in
-{1.0, 0.9, 0.5} (a random per-token mask, as TokenTrim's scattered pruning), bf16. K/V are views of
-a [1 layer, 2, B, Lk, H, D] cache tensor. Implementations, all in the same run:
+{1.0, 0.9, 0.5} (a random per-token mask, like TokenTrim's scattered pruning), bf16. K/V are views
+of layer 0 of a [30, 2, B, Lk, H, D] cache tensor. Implementations:
 
-- ``sdpa_dense``: torch SDPA over all Lk keys (the baseline: what attention costs without pruning)
+- ``sdpa_dense``: torch SDPA over all Lk keys, the baseline (attention without pruning)
 - ``sdpa_mask``: torch SDPA with the boolean keep mask
-- ``flex``: torch.compile(flex_attention) with the equivalent BlockMask (BlockMask build reported
-  separately as ``flex_blockmask``)
+- ``flex``: torch.compile(flex_attention) with the equivalent BlockMask; ``flex_blockmask`` is the
+  time to build that BlockMask (not included in ``flex``)
 - ``flash_attn``: flash_attn_func over all keys, when flash-attn is importable
-- ``tokentrim``: the masked kernel over the cache with keep + kv_len (includes its tile-list prepass)
-- ``tokentrim_compact``: ``compact`` (compact_kv of one layer's K and V, in place) and
-  ``attn_compacted`` (the kernel over the compacted prefix, kv_len = new length, no mask) and
-  ``total`` (their sum)
+- ``tokentrim``: the masked kernel over the cache with keep + kv_len (its tile-list prepass included)
+- ``tokentrim_compact:*``: ``compact_30_layers`` (compact_kv of the whole cache, one launch, in
+  place), ``compact`` (that / 30: one layer's share), ``attn_compacted`` (the kernel over the
+  compacted prefix: kv_len = new length, no mask) and ``total`` = compact + attn_compacted. A rollout
+  compacts once per prune decision, then attends with every layer at every denoising step, so
+  ``total`` overstates the compaction share.
 
-Metrics: ``ms`` (median), ``TFLOP/s`` = 4*B*H*Lq*Lk_eff*D / time with Lk_eff the attended keys
-(Lk for dense), and ``ratio`` = sdpa_dense ms / impl ms (> 1 means faster than dense SDPA) on the
-``ms`` rows; on TFLOP/s rows ratio = impl TFLOP/s / sdpa_dense TFLOP/s.
+Metrics: ``time`` (ms, median), ``throughput`` (TFLOP/s = 4*B*H*Lq*Lk_eff*D / time, Lk_eff = the
+attended keys; all Lk for the dense impls). ``ratio`` against sdpa_dense: its time / this time on
+time rows (> 1 = faster than dense SDPA), this TFLOP/s / its TFLOP/s on throughput rows.
 
-CPU: small shapes (Lq=64, Lk in {128, 512}, H=2, D=64, fp32), reference and SDPA, plus the kernel
-through the Triton interpreter only when TRITON_INTERPRET=1 was set before import and Lk is small
-(the interpreter is ~1000x slower than compiled code; its times say nothing about GPU speed).
+CPU: small shapes (Lq=64, Lk in {128, 512}, H=2, D=64, fp32): reference, SDPA and eager
+FlexAttention; the Triton kernels only with TRITON_INTERPRET=1, without --quick and at Lk=128 (the
+interpreter times Python, not the kernel: for information only).
 """
 
 from __future__ import annotations
 
-import functools
-import importlib
-import statistics
 import sys
-import time
+import warnings
 
 import torch
 import torch.nn.functional as F
+
+from bench import common
 
 SECTION = "attention"
 
 GPU_SHAPE = dict(B=1, H=12, D=128, Lq=4680)
 GPU_LK = (4680, 14040, 32760)
+GPU_LAYERS = 30  # Wan2.1-1.3B: compaction covers every layer's K and V in one launch
 KEEP_FRACS = (1.0, 0.9, 0.5)
 CPU_SHAPE = dict(B=1, H=2, D=64, Lq=64)
 CPU_LK = (128, 512)
 CPU_KEEP_FRACS = (1.0, 0.5)
-CPU_KERNEL_MAX_LK = 128  # interpreter runs beyond this take seconds per call
+CPU_KERNEL_MAX_LK = 128  # beyond this one interpreter call takes seconds
+CPU_MAX_REPEATS = 5  # keeps the CPU section well under 30 s
+INTERP_NOTE = "Triton interpreter on cpu: Python overhead, not kernel speed"
 
 
 def add_arguments(parser) -> None:
-    g = parser.add_argument_group("attention section")
-    g.add_argument(
-        "--attn-lk", type=int, nargs="+", default=None, help="key lengths (default: Wan shapes on CUDA)"
+    parser.add_argument(
+        "--attn-lk", type=int, nargs="+", default=None, help="key lengths (default: per device)"
     )
-    g.add_argument("--attn-keep", type=float, nargs="+", default=None, help="keep fractions")
-    g.add_argument(
-        "--attn-no-flex", action="store_true", help="skip compiled FlexAttention (slow to compile)"
+    parser.add_argument("--attn-keep", type=float, nargs="+", default=None, help="keep fractions")
+    parser.add_argument(
+        "--attn-layers", type=int, default=GPU_LAYERS, help="cache layers compacted in one launch (cuda)"
     )
-
-
-# --------------------------------------------------------------------------------------- timing
-def _timer():
-    """The timing helper: bench.common's ``time_ms(fn, device)`` once that module provides it, else
-    the local one (do_bench median on CUDA, perf_counter median on CPU)."""
-    try:
-        common = importlib.import_module("bench.common")
-    except ImportError:
-        return _time_ms
-    return getattr(common, "time_ms", _time_ms)
-
-
-def _time_ms(fn, device, reps: int | None = None) -> float:
-    if torch.device(device).type == "cuda":
-        import triton.testing
-
-        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
-    fn()  # warm-up
-    reps = reps or 3
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    parser.add_argument(
+        "--attn-no-flex", action="store_true", help="skip FlexAttention (compiling it takes a while)"
+    )
 
 
 def _note(msg: str) -> None:
     print(f"[attention] {msg}", file=sys.stderr)
 
 
-# ---------------------------------------------------------------------------------------- inputs
-def make_inputs(B, H, D, Lq, Lk, frac, dtype, device, seed=0):
-    """q [B,Lq,H,D]; cache [1,2,B,Lk,H,D] with k/v its views; keep [B,Lk] (~frac kept); kv_len [B]."""
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, Lq, H, D, generator=g).to(device=device, dtype=dtype)
-    cache = torch.randn(1, 2, B, Lk, H, D, generator=g).to(device=device, dtype=dtype)
-    keep = (
-        (torch.rand(B, Lk, generator=g) < frac).to(device)
-        if frac < 1.0
-        else torch.ones(B, Lk, dtype=torch.bool, device=device)
-    )
+def make_inputs(B, H, D, Lq, Lk, frac, dtype, device, layers=1, seed=0):
+    """q [B,Lq,H,D]; cache [layers,2,B,Lk,H,D] (k/v: views of layer 0); keep [B,Lk] bool with ~frac
+    kept (all True for frac >= 1); kv_len [B] int32 = Lk."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    q = torch.randn(B, Lq, H, D, generator=g, device=device).to(dtype)
+    cache = torch.empty(layers, 2, B, Lk, H, D, device=device, dtype=dtype)
+    cache.normal_(generator=g)
+    keep = torch.rand(B, Lk, generator=g, device=device) < frac
+    if frac >= 1.0:
+        keep.fill_(True)
     kv_len = torch.full((B,), Lk, dtype=torch.int32, device=device)
     return q, cache, keep, kv_len
 
 
-def _row(name, impl, shape, dtype, metric, value, unit, baseline, ratio):
-    return dict(
-        section=SECTION, name=name, impl=impl, shape=shape, dtype=str(dtype).replace("torch.", ""),
-        metric=metric, value=value, unit=unit, baseline=baseline, ratio=ratio,
-    )  # fmt: skip
-
-
-def _rows_for(case, dtype, times: dict, flops: dict, base="sdpa_dense"):
-    rows = []
-    base_ms = times.get(base)
-    for impl, ms in times.items():
-        r = base_ms / ms if base_ms else None
-        rows.append(_row("masked_attention", impl, case, dtype, "time", ms, "ms", base, r))
-        if impl in flops:
-            tf = flops[impl] / (ms * 1e-3) / 1e12
-            base_tf = flops[base] / (base_ms * 1e-3) / 1e12 if base_ms else None
-            rows.append(
-                _row(
-                    "masked_attention",
-                    impl,
-                    case,
-                    dtype,
-                    "throughput",
-                    tf,
-                    "TFLOP/s",
-                    base,
-                    tf / base_tf if base_tf else None,
-                )
-            )
-    return rows
-
-
-# ------------------------------------------------------------------------------------------ impls
 def _sdpa(q, k, v, mask=None):
     # SDPA wants [B,H,L,D]; the transposes are views of the cache layout.
     return F.scaled_dot_product_attention(
@@ -145,10 +88,10 @@ def _sdpa(q, k, v, mask=None):
 
 
 def _flex_fns(q, k, v, keep, kv_len, compiled: bool):
+    """(build BlockMask, run flex attention with it) for the keep/kv_len mask."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    B, Lq = q.shape[:2]
-    Lk = k.shape[1]
+    B, Lq, Lk = q.shape[0], q.shape[1], k.shape[1]
 
     def mask_mod(b, h, q_idx, kv_idx):
         return keep[b, kv_idx] & (kv_idx < kv_len[b])
@@ -157,105 +100,143 @@ def _flex_fns(q, k, v, keep, kv_len, compiled: bool):
         return create_block_mask(mask_mod, B, None, Lq, Lk, device=q.device)
 
     block_mask = build()
-    fa = torch.compile(flex_attention) if compiled else flex_attention
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    return build, lambda: fa(qt, kt, vt, block_mask=block_mask)
+    if compiled:
+        fa = torch.compile(flex_attention)
+        return build, lambda: fa(qt, kt, vt, block_mask=block_mask)
+
+    def eager():  # the CPU oracle; silence its "not compiled" warning
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+            return flex_attention(qt, kt, vt, block_mask=block_mask)
+
+    return build, eager
 
 
 def _bench_case(
-    B, H, D, Lq, Lk, frac, dtype, device, timer, *, kernel: bool, flex: bool, flex_compiled: bool
+    args, device, B, H, D, Lq, Lk, frac, dtype, *, kernel: bool, flex_compiled: bool, layers: int
 ):
+    from tokentrim import reference
     from tokentrim.kernels import kv_compact, masked_attention
 
-    from tokentrim import reference
-
-    q, cache, keep, kv_len = make_inputs(B, H, D, Lq, Lk, frac, dtype, device)
+    cpu = device.type == "cpu"
+    repeats = min(args.repeats, CPU_MAX_REPEATS) if cpu else args.repeats
+    q, cache, keep, kv_len = make_inputs(B, H, D, Lq, Lk, frac, dtype, device, layers=layers)
     k, v = cache[0, 0], cache[0, 1]
-    n_kept = int(keep.sum())  # setup only
-    case = f"B{B} H{H} D{D} Lq{Lq} Lk{Lk} keep{frac:g}"
+    n_kept = int(keep.sum())  # setup
+    shape = f"B{B} H{H} D{D} Lq{Lq} Lk{Lk} keep{frac:g}"
     dense_flops = 4.0 * B * H * Lq * Lk * D
     kept_flops = 4.0 * H * Lq * D * n_kept
-    times, flops = {}, {}
+    times, flops, notes = {}, {}, {}
 
-    def add(impl, fn, fl, timer=timer):
-        times[impl] = timer(fn, device)
+    def timed(fn, interp=False):
+        if interp:  # one warm-up (compile) and one timed call
+            return common.time_ms(fn, device, repeats=1, warmup=1, quick=args.quick)
+        return common.time_ms(fn, device, repeats=repeats, quick=args.quick)
+
+    def add(impl, fn, fl, interp=False):
+        times[impl] = timed(fn, interp)
         flops[impl] = fl
+        if interp:
+            notes[impl] = INTERP_NOTE
 
     add("sdpa_dense", lambda: _sdpa(q, k, v), dense_flops)
     sdpa_mask = keep[:, None, None, :]
     add("sdpa_mask", lambda: _sdpa(q, k, v, sdpa_mask), kept_flops)
-    if torch.device(device).type == "cpu":
+    if cpu:
         add("reference", lambda: reference.masked_attention(q, k, v, keep=keep, kv_len=kv_len), kept_flops)
-    if flex:
+    if not args.attn_no_flex:
         try:
             build, run_flex = _flex_fns(q, k, v, keep, kv_len, flex_compiled)
             add("flex", run_flex, kept_flops)
-            times["flex_blockmask"] = timer(build, device)
-        except Exception as e:  # noqa: BLE001 - an unavailable peer is reported, not fatal
-            _note(f"FlexAttention skipped for {case}: {type(e).__name__}: {e}")
+            times["flex_blockmask"] = timed(build)
+        except Exception as e:  # an unavailable peer is reported, not fatal
+            _note(f"FlexAttention skipped for {shape}: {type(e).__name__}: {e}")
     try:
         from flash_attn import flash_attn_func
-
-        add("flash_attn", lambda: flash_attn_func(q, k, v), dense_flops)
     except ImportError:
-        pass
+        flash_attn_func = None
+    if flash_attn_func is not None and not cpu:
+        add("flash_attn", lambda: flash_attn_func(q, k, v), dense_flops)
+
     if kernel:
-        kt = timer
-        if torch.device(device).type == "cpu":  # the interpreter: one timed call after the warm-up
-            kt = functools.partial(_time_ms, reps=1)
         add(
             "tokentrim",
             lambda: masked_attention.masked_attention(q, k, v, keep=keep, kv_len=kv_len),
             kept_flops,
-            timer=kt,
+            interp=cpu,
         )
-        # compact_kv is in place: repeating it on the already compacted cache moves the same number of
-        # tokens (same keep, same kv_len), so the timing is that of the first compaction.
-        times["tokentrim_compact:compact"] = kt(lambda: kv_compact.compact_kv(cache, keep, kv_len), device)
+        # compact_kv is in place; repeating it on the compacted cache (same keep, same kv_len) moves
+        # the same tokens, so every timed call costs what the first one did.
+        all_ms = timed(lambda: kv_compact.compact_kv(cache, keep, kv_len), interp=cpu)
         new_len = kv_compact.compact_kv(cache, keep, kv_len)
+        times[f"tokentrim_compact:compact_{layers}_layers"] = all_ms
+        times["tokentrim_compact:compact"] = all_ms / layers
         add(
             "tokentrim_compact:attn_compacted",
             lambda: masked_attention.masked_attention(q, k, v, kv_len=new_len),
             kept_flops,
-            timer=kt,
+            interp=cpu,
         )
         times["tokentrim_compact:total"] = (
             times["tokentrim_compact:compact"] + times["tokentrim_compact:attn_compacted"]
         )
         flops["tokentrim_compact:total"] = kept_flops
-    return _rows_for(case, dtype, times, flops)
+        if cpu:
+            for impl in times:
+                if impl.startswith("tokentrim_compact"):
+                    notes[impl] = INTERP_NOTE
+
+    rows = []
+    base_ms = times["sdpa_dense"]
+    base_tf = dense_flops / (base_ms * 1e-3) / 1e12
+    for impl, ms in times.items():
+        rows.append(
+            common.row(
+                SECTION, "masked_attention", impl, shape, dtype, "time", ms, "ms",
+                device=device, baseline="sdpa_dense", ratio=base_ms / ms, note=notes.get(impl, ""),
+            )
+        )  # fmt: skip
+        if impl in flops:
+            tf = flops[impl] / (ms * 1e-3) / 1e12
+            rows.append(
+                common.row(
+                    SECTION, "masked_attention", impl, shape, dtype, "throughput", tf, "TFLOP/s",
+                    device=device, baseline="sdpa_dense", ratio=tf / base_tf, note=notes.get(impl, ""),
+                )
+            )  # fmt: skip
+    return rows
 
 
-def run(args, device) -> list[dict]:
+def run(args, device: torch.device) -> list[dict]:
     device = torch.device(device)
-    timer = _timer()
-    lks = getattr(args, "attn_lk", None)
-    fracs = getattr(args, "attn_keep", None)
-    no_flex = bool(getattr(args, "attn_no_flex", False))
     rows = []
     if device.type == "cuda":
-        for Lk in lks or GPU_LK:
-            for frac in fracs or KEEP_FRACS:
+        lks = args.attn_lk or ((GPU_LK[1],) if args.quick else GPU_LK)
+        fracs = args.attn_keep or ((1.0, 0.5) if args.quick else KEEP_FRACS)
+        for Lk in lks:
+            for frac in fracs:
                 rows += _bench_case(
-                    **GPU_SHAPE, Lk=Lk, frac=frac, dtype=torch.bfloat16, device=device, timer=timer,
-                    kernel=True, flex=not no_flex, flex_compiled=True,
+                    args, device, **GPU_SHAPE, Lk=Lk, frac=frac, dtype=torch.bfloat16,
+                    kernel=True, flex_compiled=True, layers=args.attn_layers,
                 )  # fmt: skip
         return rows
 
     from tokentrim.ops import interpreter_enabled
 
-    interp = interpreter_enabled()
+    interp = interpreter_enabled() and not args.quick
     if not interp:
         _note(
-            "Triton kernel skipped on CPU: set TRITON_INTERPRET=1 before running to include it (interpreter)"
+            "Triton kernels not timed on cpu (they need TRITON_INTERPRET=1 and no --quick; GPU numbers matter)"
         )
-    for Lk in lks or CPU_LK:
+    lks = args.attn_lk or (CPU_LK[:1] if args.quick else CPU_LK)
+    for Lk in lks:
         use_kernel = interp and Lk <= CPU_KERNEL_MAX_LK
         if interp and not use_kernel:
-            _note(f"Triton kernel skipped at Lk={Lk}: too slow under the interpreter (> {CPU_KERNEL_MAX_LK})")
-        for frac in fracs or CPU_KEEP_FRACS:
+            _note(f"Triton kernels skipped at Lk={Lk}: too slow in the interpreter (> {CPU_KERNEL_MAX_LK})")
+        for frac in args.attn_keep or CPU_KEEP_FRACS:
             rows += _bench_case(
-                **CPU_SHAPE, Lk=Lk, frac=frac, dtype=torch.float32, device=device, timer=timer,
-                kernel=use_kernel, flex=not no_flex, flex_compiled=False,
+                args, device, **CPU_SHAPE, Lk=Lk, frac=frac, dtype=torch.float32,
+                kernel=use_kernel, flex_compiled=False, layers=1,
             )  # fmt: skip
     return rows

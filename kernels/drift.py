@@ -74,11 +74,41 @@ def _drift_kernel(
         sq += tl.sum(diff * diff, axis=1)
         c_ptrs += csc
         p_ptrs += psc
-    tl.store(drift_ptr + b * N + tok, tl.sqrt_rn(sq), mask=tok_ok)
+    tl.store(drift_ptr + b * N + tok, tl.sqrt_rn(sq), mask=tok < N - 1)
+
+
+@triton.jit
+def _pair_indicator(n_dims: tl.constexpr, axis_from_inner: tl.constexpr):
+    """[1,..,2,..,1] tensor holding (0, 1) along one axis of the [2]*n_dims hypercube."""
+    ar = tl.arange(0, 2)
+    return tl.reshape(ar, [1] * (n_dims - axis_from_inner - 1) + [2] + [1] * axis_from_inner)
+
+
+@triton.jit
+def _compare_swap(h, flip, i: tl.constexpr, n_dims: tl.constexpr):
+    # Each pair along the i-th innermost axis becomes (min, max), or (max, min) where flip is 1.
+    # min/max reductions (not the xor trick of tl.sort) keep the Triton interpreter fast.
+    lo = tl.min(h, axis=n_dims - 1 - i, keep_dims=True)
+    hi = tl.max(h, axis=n_dims - 1 - i, keep_dims=True)
+    return tl.where((_pair_indicator(n_dims, i) ^ flip) != 0, hi, lo)
+
+
+@triton.jit
+def _sort_descending(x, LOG_N: tl.constexpr):
+    """Bitonic sort of a 1-D tensor of 2**LOG_N elements, largest first."""
+    h = tl.reshape(x, [2] * LOG_N)
+    for stage in tl.static_range(1, LOG_N + 1):
+        if stage < LOG_N:
+            flip = _pair_indicator(LOG_N, stage)  # alternate directions of the merged runs
+        else:
+            flip = 1  # the last merge produces one descending run
+        for r in tl.static_range(stage):
+            h = _compare_swap(h, flip, stage - 1 - r, LOG_N)
+    return tl.reshape(h, [2**LOG_N])
 
 
 @triton.jit(do_not_specialize=["k"])
-def _topk_kernel(drift_ptr, idx_ptr, sev_ptr, N, k, BLOCK_N: tl.constexpr):
+def _topk_kernel(drift_ptr, idx_ptr, sev_ptr, N, k, BLOCK_N: tl.constexpr, LOG_N: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_N)
     ok = offs < N
@@ -88,7 +118,7 @@ def _topk_kernel(drift_ptr, idx_ptr, sev_ptr, N, k, BLOCK_N: tl.constexpr):
     bits = (d.to(tl.int32, bitcast=True) & 0x7FFFFFFF).to(tl.int64)
     key = (bits << 32) | (BLOCK_N - 1 - offs).to(tl.int64)
     key = tl.where(ok, key, -1)  # padding sorts after every real token
-    key = tl.sort(key, descending=True)
+    key = _sort_descending(key, LOG_N)
     top_idx = (BLOCK_N - 1) - (key & 0xFFFFFFFF)
     top_d = (key >> 32).to(tl.int32).to(tl.float32, bitcast=True)
     in_top = offs < k
@@ -154,6 +184,15 @@ def drift_topk(cand, prev, k: int, patch=(2, 2), *, out=None, check_finite_input
         *cand.stride(), *prev.stride(),
         PH=ph, PW=pw, PP=triton.next_power_of_2(ph * pw),
     )  # fmt: skip
-    block_n = triton.next_power_of_2(N)
-    _topk_kernel[(B,)](drift, idx, sev, N, k, BLOCK_N=block_n, num_warps=4 if block_n <= 2048 else 8)
+    block_n = max(2, triton.next_power_of_2(N))  # the sort needs at least one pair
+    _topk_kernel[(B,)](
+        drift,
+        idx,
+        sev,
+        N,
+        k,
+        BLOCK_N=block_n,
+        LOG_N=block_n.bit_length() - 1,
+        num_warps=4 if block_n <= 2048 else 8,
+    )
     return drift, idx, sev

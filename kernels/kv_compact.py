@@ -10,8 +10,9 @@ Two steps, no host sync (graph-safe):
    new_len = the last cumsum entry.
 2. one kernel launch (the leading dims' element offsets are a tiny [G] int64 table), one program per (leading index, video, head) walking its tokens tile after
    tile. A token only moves down (dest <= source), and the destinations of a tile never exceed its
-   last source row, so reading a whole tile before writing it (with a barrier between, as other
-   threads of the program may write rows this tile still has to read) is race-free. Tokens already
+   last source row, so reading a whole tile before writing it is race-free: the next tile only
+   reads rows past this one. A barrier sits between a tile's load and its store, because another
+   thread of the program may store into a row of the same tile that this thread has yet to read. Tokens already
    in place are neither read nor written.
 """
 
@@ -58,7 +59,6 @@ def _compact_kernel(
         x = tl.load(base + offs_l.to(tl.int64)[:, None] * s_l + offs_d[None, :], mask=m2, other=0.0)
         tl.debug_barrier()
         tl.store(base + dest.to(tl.int64)[:, None] * s_l + offs_d[None, :], x, mask=m2)
-        tl.debug_barrier()
 
 
 def check_compact_inputs(kv, keep, kv_len) -> None:

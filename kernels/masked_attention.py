@@ -158,7 +158,7 @@ def masked_attention(q, k, v, keep=None, kv_len=None, scale=None, out=None, chec
     Args:
         q: [B,Lq,H,D] bf16/fp16/fp32, D in {64, 128}, last dim contiguous.
         k, v: [B,Lk_max,H,D], q's dtype, any strides with a contiguous last dim.
-        keep: optional [B,Lk_max] bool (any strides), True = attend.
+        keep: optional [B,Lk_max] bool, True = attend (copied only if its last stride is not 1).
         kv_len: optional [B] int32/int64 on q's device; values above Lk_max are clamped in the kernel.
         scale: softmax scale (default D**-0.5).
         out: optional [B,Lq,H,D] output tensor of q's dtype (last dim contiguous), written fully.
@@ -194,7 +194,7 @@ def masked_attention(q, k, v, keep=None, kv_len=None, scale=None, out=None, chec
     block_n = tile_size()
     if keep is not None:
         tiles, count = kept_tiles(keep, kv_len, block_n)
-        keep_arg = keep.view(torch.uint8)  # same storage, any strides
+        keep_arg = (keep if keep.stride(1) == 1 else keep.contiguous()).view(torch.uint8)
         skeep_b, stiles_b = keep_arg.stride(0), tiles.stride(0)
     else:
         tiles = count = keep_arg = None

@@ -251,7 +251,9 @@ def test_compaction_after_prune_keeps_attention_and_shrinks_lengths(backend):
 
     def attend():
         return [
-            ops.masked_attention(q, cache.k(i), cache.v(i), cache.keep, cache.attend_len(TPF), backend="reference")
+            ops.masked_attention(
+                q, cache.k(i), cache.v(i), cache.keep, cache.attend_len(TPF), backend="reference"
+            )
             for i in range(L)
         ]
 
@@ -326,7 +328,9 @@ def test_cache_matches_list_model(ops_list, sink, seed):
             kept = [e for e in ent if e[4]]
             keys = torch.stack([e[2][layer] for e in kept]) if kept else torch.zeros(0, H, D)
             vals = torch.stack([e[3][layer] for e in kept]) if kept else torch.zeros(0, H, D)
-            torch.testing.assert_close(out[b].double(), explicit_attention(q[b], keys, vals), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(
+                out[b].double(), explicit_attention(q[b], keys, vals), rtol=1e-5, atol=1e-6
+            )
 
 
 # --------------------------------------------------------------------------------------- raw sink
@@ -410,9 +414,19 @@ def test_memory_accounting_matches_buffers():
     ],
 )
 def test_bad_constructor_arguments(kwargs, exc, match):
-    args = {"num_layers": 2, "batch": 1, "num_heads": 2, "head_dim": 4, "tokens_per_frame": 3, "max_frames": 5}
+    args = {
+        "num_layers": 2,
+        "batch": 1,
+        "num_heads": 2,
+        "head_dim": 4,
+        "tokens_per_frame": 3,
+        "max_frames": 5,
+    }
     args.update(kwargs)
-    positional = [args.pop(n) for n in ("num_layers", "batch", "num_heads", "head_dim", "tokens_per_frame", "max_frames")]
+    positional = [
+        args.pop(n)
+        for n in ("num_layers", "batch", "num_heads", "head_dim", "tokens_per_frame", "max_frames")
+    ]
     with pytest.raises(exc, match=match):
         KVCache(*positional, **args)
 
@@ -458,15 +472,15 @@ def test_bad_write_commit_prune_arguments():
 @pytest.mark.gpu
 def test_steady_state_is_sync_free_and_graph_capturable():
     cache = KVCache(2, 2, 2, 64, 16, 6, sink_frames=1, dtype=torch.bfloat16, device="cuda")
-    k = torch.randn(2, 32, 2, 64, device="cuda", dtype=torch.bfloat16)
+    k1, k2 = torch.randn(2, 2, 32, 2, 64, device="cuda", dtype=torch.bfloat16)
     pos = torch.tensor([1, 3], device="cuda")
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for f in range(0, 4, 2):
-            cache.prepare(2)
+            cache.prepare(2)  # no eviction needed: host decision only
             for layer in range(2):
-                cache.write(layer, k, k)
+                cache.write(layer, k1, k1)
             cache.attend_len(32)
             cache.commit(f, 2)
         cache.prune(0, pos)
@@ -474,17 +488,23 @@ def test_steady_state_is_sync_free_and_graph_capturable():
         cache.unprune_all()
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    # one captured write replays at the current length: the index comes from the device tensor
-    static_k = torch.zeros_like(k)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        cache.write(0, static_k, static_k)
-    torch.cuda.current_stream().wait_stream(s)
+    assert cache.length.tolist() == [64, 64] and cache.keep[:, :64].all()
+    # one captured write, replayed after a commit, lands at the new length (a device tensor)
+    cache.reset()
+    static_k = torch.zeros_like(k1)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        cache.write(0, static_k, static_k)  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         cache.write(0, static_k, static_k)
-    static_k.copy_(k)
+    static_k.copy_(k1)
     graph.replay()
-    cache.commit(4, 2)
-    assert torch.equal(cache.kv[0, 0, :, 64:96], k)
+    cache.commit(0, 2)
+    static_k.copy_(k2)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(cache.kv[0, 0, :, :32], k1) and torch.equal(cache.kv[0, 0, :, 32:64], k2)
+    assert torch.equal(cache.kv[0, 1, :, 32:64], k2) and cache.keep[:, :64].all()

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 import torch
+from _wan_helpers import diffusers_forward, randomize_, save_wan_folder, tiny_diffusers_model, wan_config_dict
 from safetensors.torch import save_file
 
 from tokentrim.model import WanConfig, diffusers_to_wan_state_dict, load_wan
-
-from _wan_helpers import diffusers_forward, randomize_, save_wan_folder, tiny_diffusers_model, wan_config_dict
 
 PARITY_RTOL = 1e-4  # fp32; measured ~1e-6 (the brief asks for 1e-3)
 
@@ -43,6 +43,11 @@ def _write(fmt: str, o) -> tuple[str, dict]:
     root, cfg, sd = o["root"], o["cfg"], o["sd"]
     if fmt == "diffusers":
         return str(root / "diffusers"), {}
+    if fmt == "pipeline_root":  # a diffusers pipeline folder: the transformer is in transformer/
+        dst = root / "pipeline" / "transformer"
+        if not dst.exists():
+            shutil.copytree(root / "diffusers", dst)
+        return str(root / "pipeline"), {}
     if fmt == "wan_folder":
         return save_wan_folder(sd, wan_config_dict(cfg), str(root / "wan")), {}
     if fmt == "wan_sharded":
@@ -73,7 +78,7 @@ def _write(fmt: str, o) -> tuple[str, dict]:
     raise AssertionError(fmt)
 
 
-FORMATS = ["diffusers", "wan_folder", "wan_sharded", "safetensors_file", "self_forcing", "rolling_forcing"]
+FORMATS = ["diffusers", "pipeline_root", "wan_folder", "wan_sharded", "safetensors_file", "self_forcing", "rolling_forcing"]
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -150,6 +155,9 @@ def test_format_errors(oracle, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no diffusion_pytorch_model"):
         load_wan(tmp_path / "empty", config="tiny", device="cpu")
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(ValueError, match="garbage.pt"):
+        load_wan(tmp_path / "garbage.pt", config="tiny", device="cpu")
     torch.save([1, 2, 3], tmp_path / "list.pt")
     with pytest.raises(ValueError, match="expected a dict"):
         load_wan(tmp_path / "list.pt", config="tiny", device="cpu")

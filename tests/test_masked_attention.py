@@ -75,11 +75,11 @@ def test_kernel_matches_reference(dtype, B, Lq, H, D, L):
         torch.testing.assert_close(got, want, **TOL[dtype], msg=lambda m, kw=kw: f"{sorted(kw)}: {m}")
 
 
-def test_scale_and_ops_wrapper():
+def test_scale_strided_keep_and_ops_wrapper():
     B, Lq, H, D, L = 2, 9, 2, 64, 40
     _, k, v = cache_views(B, L, H, D, torch.float32, 7)
     q = make_q(B, Lq, H, D, torch.float32, 7)
-    keep = random_keep(B, L, 0.5, 7)
+    keep = random_keep(L, B, 0.5, 7).t()  # non-contiguous mask
     kv_len = torch.tensor([31, 40], dtype=torch.int32, device=DEVICE)
     got = ops.masked_attention(q, k, v, keep=keep, kv_len=kv_len, scale=0.3, backend="triton")
     want = reference.masked_attention(q, k, v, keep=keep, kv_len=kv_len, scale=0.3)

@@ -6,12 +6,11 @@ import json
 
 import pytest
 import torch
+from _wan_helpers import randomize_
 
 from tokentrim.cache import KVCache
 from tokentrim.model import WanConfig, WanModel, block_causal_frame_mask
 from tokentrim.model.rope import apply_rope, rope_cos_sin, rope_split, rope_tables
-
-from _wan_helpers import randomize_
 
 TINY = WanConfig.preset("tiny")
 
@@ -293,3 +292,36 @@ def test_bad_inputs(tiny):
         model.forward_cached(x[:, :3], t[:, :3], ctx, wrong, 0)
     with pytest.raises(TypeError, match="cfg"):
         WanModel({"dim": 3})
+
+
+def test_cached_through_attention_kernel(tiny):
+    """The cached path through the Triton masked-attention kernel (interpreter on CPU)."""
+    model, x, t, text, ctx = tiny
+    x, t = x[:, :6], t[:, :6]
+    model.attention_backend = "triton"
+    try:
+        got = _rollout(model, x, t, ctx, _cache(model, x, 6), 3)
+    finally:
+        model.attention_backend = "auto"
+    with torch.no_grad():
+        ref = model.forward_full(x, t, ctx, frame_mask=block_causal_frame_mask(6, 3))
+    assert _rel(got, ref) < 1e-4
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_gpu_bf16_cached_close_to_fp32_full():
+    cfg = WanConfig.preset("small")
+    m32 = randomize_(WanModel(cfg), seed=4).eval().cuda()
+    m16 = WanModel(cfg, dtype=torch.bfloat16).eval()
+    m16.load_state_dict(m32.state_dict())
+    m16.cuda()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 6, cfg.in_dim, 8, 12, generator=g).cuda()
+    t = (torch.rand(1, 6, generator=g) * 1000).cuda()
+    text = torch.randn(1, 9, cfg.text_dim, generator=g).cuda()
+    ref = m32.forward_full(x, t, text, frame_mask=block_causal_frame_mask(6, 3))
+    S = cfg.tokens_per_frame(8, 12)
+    cache = KVCache(cfg.num_layers, 1, cfg.num_heads, cfg.head_dim, S, 6, dtype=torch.bfloat16, device="cuda")
+    got = _rollout(m16, x, t, m16.prepare_text(text), cache, 3, tensor_start=False)
+    assert 1e-4 < _rel(got, ref) < 5e-2

@@ -46,9 +46,10 @@ def wan_vae(wan_dir):
 
 
 def run(wan_dir, out, *extra, on_block=None) -> int:
-    parser = gen.argparse.ArgumentParser(prog="tokentrim")
-    gen.add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["generate", "--model-dir", str(wan_dir), "--height", str(H), "--width", str(W),
+    """`tokentrim generate ...` in-process, through the real command-line parser."""
+    from tokentrim.cli import build_parser
+
+    args = build_parser().parse_args(["generate", "--model-dir", str(wan_dir), "--height", str(H), "--width", str(W),
                               "--out", str(out), "--no-progress", *extra])
     assert args.func is gen.run_generate
     return args.func(args, on_block=on_block)
@@ -255,15 +256,36 @@ def test_generate_end_to_end_with_overlay(wan_dir, tmp_path):
 
 def test_compare_is_double_width_with_the_same_seed(wan_dir, tmp_path):
     out = tmp_path / "cmp.mp4"
-    assert run(wan_dir, out, "--prompt", SENTENCES[2], "--blocks", "2", "--compare") == 0
+    assert run(wan_dir, out, "--prompt", SENTENCES[2], "--blocks", "3", "--compare", "--crf", "0",
+               "--trim-warmup", "1", "--trim-force", "always") == 0
     frames = decode_mp4(out)
-    assert frames.shape == (frames_of(2), H, 2 * W, 3)
-    # block 0 has no TokenTrim decision: both halves are the same video (up to the codec)
-    left, right = frames[:9, :, :W].float(), frames[:9, :, W:].float()
-    assert (left - right).abs().mean() < 2.0
+    assert frames.shape == (frames_of(3), H, 2 * W, 3)
+    # block 0 has no TokenTrim decision: both halves are the same video (lossless H.264: exactly)
+    assert torch.equal(frames[:9, :, :W], frames[:9, :, W:])
+    # block 2 was pruned and regenerated on the right only (a small change with random weights)
+    pruned = frames[frames_of(2):]
+    assert not torch.equal(pruned[:, :, :W], pruned[:, :, W:])
     tele = json.loads(out.with_suffix(".json").read_text())
     assert tele["meta"]["panels"] == ["no-trim", "tokentrim"]
     assert all(b["baseline_time_s"] is not None for b in tele["blocks"])
+
+
+def test_prompts_file_gives_one_video_per_prompt_rolling_forcing(wan_dir, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"{SENTENCES[0]}\n\n{SENTENCES[1]}\n")
+    out = tmp_path / "batch.mp4"
+    assert run(wan_dir, out, "--prompts", str(prompts), "--batch-size", "2", "--blocks", "2", "--no-trim",
+               "--pipeline", "rolling-forcing") == 0
+    for i, prompt in enumerate(SENTENCES[:2]):
+        path = tmp_path / f"batch_{i:03d}.mp4"
+        assert video.read_video_info(path) == (frames_of(2), H, W)
+        tele = json.loads(path.with_suffix(".json").read_text())
+        assert tele["meta"]["prompt"] == prompt and tele["meta"]["trim"] is None
+        assert tele["meta"]["pipeline"] == "rolling-forcing" and len(tele["blocks"]) == 2
+        assert path.with_suffix(".png").stat().st_size > 0
+    assert not out.exists()
+    # different prompts, same seed: different videos
+    assert not torch.equal(decode_mp4(tmp_path / "batch_000.mp4"), decode_mp4(tmp_path / "batch_001.mp4"))
 
 
 def test_interrupted_run_keeps_the_finished_blocks(wan_dir, tmp_path):

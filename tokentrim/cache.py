@@ -209,7 +209,7 @@ class KVCache:
         n_evict = len(self.frames) + n - self.max_frames
         if n_evict <= 0:
             return []
-        evicted = self.frames[: n_evict]
+        evicted = self.frames[self.sink_frames : self.sink_frames + n_evict]
         tf = self.token_frame
         gone = torch.zeros_like(self.keep)
         for lo, hi in _runs(evicted):
@@ -279,7 +279,9 @@ class KVCache:
             )
         T = n * self.tokens_per_frame
         idx = self.length.long()[:, None] + self._ar[:T]
-        self.token_frame.index_put_((self._bidx, idx), (self._frame_of_tok[:T] + frame_start).expand(self.batch, T))
+        self.token_frame.index_put_(
+            (self._bidx, idx), (self._frame_of_tok[:T] + frame_start).expand(self.batch, T)
+        )
         self.token_pos.index_put_((self._bidx, idx), self._pos_in_frame[:T].expand(self.batch, T))
         self.keep.index_put_((self._bidx, idx), torch.ones((), dtype=torch.bool, device=self.device))
         self.length += T
@@ -320,7 +322,9 @@ class KVCache:
             if missing:
                 raise ValueError(f"frames must be committed frames {self.frames}, got uncommitted {missing}")
             if self.raw_sink and any(f in sink for f in frames):
-                raise ValueError(f"frames must not contain raw sink frames {sink} (raw_sink=True), got {frames}")
+                raise ValueError(
+                    f"frames must not contain raw sink frames {sink} (raw_sink=True), got {frames}"
+                )
             in_frames = torch.zeros_like(self.keep[video])
             for lo, hi in _runs(frames):
                 in_frames |= (self.token_frame[video] >= lo) & (self.token_frame[video] <= hi)
@@ -399,7 +403,9 @@ class KVCache:
         if T is None:
             tpf = self.tokens_per_frame
             if Tx == 0 or Tx % tpf:
-                raise ValueError(f"{name} token count T must be a positive multiple of tokens_per_frame={tpf}, got {Tx}")
+                raise ValueError(
+                    f"{name} token count T must be a positive multiple of tokens_per_frame={tpf}, got {Tx}"
+                )
             if len(self.frames) + Tx // tpf > self.max_frames:
                 raise ValueError(
                     f"{name} block of {Tx // tpf} frames does not fit after {len(self.frames)} committed "

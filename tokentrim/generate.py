@@ -41,13 +41,25 @@ class GenerateError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------ CLI
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" only for real defaults that the help does not state already."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default is None or action.default is False or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``generate`` on an ``argparse`` subparsers object; sets ``func=run_generate``."""
     p = subparsers.add_parser(
         "generate",
         help="prompt -> mp4 with a Wan2.1-T2V model (Self Forcing / Rolling Forcing) and TokenTrim",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Prompt -> mp4 with real Wan2.1 weights from a local Wan2.1-T2V-1.3B-Diffusers folder and "
+                    "a Self Forcing / Rolling Forcing checkpoint, with TokenTrim. Every finished block is "
+                    "written at once: an interrupted run leaves a playable video of the blocks done.",
+        formatter_class=_HelpFormatter,
     )
     add_arguments(p)
     p.set_defaults(func=run_generate)
@@ -65,26 +77,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "default: the model folder's transformer/")
     p.add_argument("--checkpoint-key", default="generator_ema", choices=("generator_ema", "generator"),
                    help="which weights of a Self/Rolling Forcing .pt to use")
-    p.add_argument("--pipeline", choices=PIPELINES, default="self-forcing")
+    p.add_argument("--pipeline", choices=PIPELINES, default="self-forcing",
+                   help="rollout matching the checkpoint")
     length = p.add_mutually_exclusive_group()
     length.add_argument("--seconds", type=float, default=None,
                         help="video length at 16 fps, rounded up to whole 3-latent-frame blocks (default 5)")
     length.add_argument("--blocks", type=int, default=None, help="number of 3-latent-frame blocks")
     p.add_argument("--height", type=int, default=480, help="frame height in pixels (multiple of 16)")
     p.add_argument("--width", type=int, default=832, help="frame width in pixels (multiple of 16)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="noise seed")
     p.add_argument("--batch-size", type=int, default=1, help="prompts generated together")
     p.add_argument("--compare", action="store_true",
                    help="same seed without (left) and with (right) TokenTrim, side by side in one video")
     p.add_argument("--overlay", action="store_true",
-                   help="also write <out>.overlay.mp4 with the pruned token positions tinted red")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+                   help="also write <stem>.overlay.mp4 with the pruned token positions tinted red")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="transformer and text encoder dtype (default bfloat16 on CUDA, float32 on CPU); "
                         "the VAE runs in float32")
     p.add_argument("--cuda-graphs", action="store_true", help="replay the cached forward with CUDA graphs")
     p.add_argument("--out", type=Path, default=Path("tokentrim.mp4"),
                    help="output mp4; with several prompts: <stem>_000.mp4, <stem>_001.mp4, ...")
+    p.add_argument("--crf", type=int, default=18, help="H.264 quality: 0 lossless, 18 visually lossless, 23 x264's default")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     TokenTrimConfig.add_cli_arguments(p)
 
@@ -132,6 +146,8 @@ def _check_args(args) -> tuple[int, torch.device, torch.dtype]:
         blocks = args.blocks
     else:
         blocks = blocks_for_seconds(5.0 if args.seconds is None else args.seconds)
+    if not 0 <= args.crf <= 51:
+        raise GenerateError(f"--crf must be in [0, 51], got {args.crf}")
     if args.seed < 0:
         raise GenerateError(f"--seed must be >= 0, got {args.seed}")
     if args.batch_size < 1:
@@ -210,13 +226,13 @@ def _video_record(rec: dict, b: int) -> dict:
 class VideoOutput:
     """One output video: its mp4 writer (+ overlay writer) and the records of its written blocks."""
 
-    def __init__(self, path: Path, prompt: str, overlay: bool, fps: int):
+    def __init__(self, path: Path, prompt: str, overlay: bool, fps: int, crf: int):
         from tokentrim.video import Mp4Writer
 
         self.path = path
         self.prompt = prompt
-        self.writer = Mp4Writer(path, fps=fps)
-        self.overlay = Mp4Writer(path.with_name(path.stem + ".overlay.mp4"), fps=fps) if overlay else None
+        self.writer = Mp4Writer(path, fps=fps, crf=crf)
+        self.overlay = Mp4Writer(path.with_name(path.stem + ".overlay.mp4"), fps=fps, crf=crf) if overlay else None
         self.records: list[dict] = []
         self.final_path: Path | None = None
 
@@ -300,7 +316,7 @@ def generate_batch(model, vae, text, prompts, paths, args, trim_cfg, num_blocks,
                   (make_rollout(args.pipeline, model, trim_cfg, args.cuda_graphs), True)]
     else:
         panels = [(make_rollout(args.pipeline, model, trim_cfg if args.trim else None, args.cuda_graphs), args.trim)]
-    outputs = [VideoOutput(p, prompt, args.overlay, FPS) for p, prompt in zip(paths, prompts)]
+    outputs = [VideoOutput(p, prompt, args.overlay, FPS, args.crf) for p, prompt in zip(paths, prompts)]
     streams = [[vae.streaming_decoder() for _ in panels] for _ in range(B)]
     gens = [r.iter_blocks(text, num_blocks, lat_h, lat_w, seed=args.seed) for r, _ in panels]
     status, error = "complete", None

@@ -37,8 +37,8 @@ class ModelFolderError(FileNotFoundError):
         lines = "\n".join(f"  - {m}" for m in self.missing)
         super().__init__(
             f"model folder {str(self.folder)!r} is missing or incomplete; missing:\n{lines}\n"
-            "Download it with e.g. `huggingface-cli download Wan-AI/Wan2.1-T2V-1.3B-Diffusers "
-            "--local-dir <folder>` (tokentrim never downloads anything itself)."
+            "Download it with e.g. `hf download Wan-AI/Wan2.1-T2V-1.3B-Diffusers --local-dir <folder>` "
+            "(tokentrim never downloads anything itself)."
         )
 
 
@@ -199,7 +199,8 @@ class WanVAE:
     def load(cls, model_dir, device="cpu", dtype=torch.float32) -> WanVAE:
         from diffusers import AutoencoderKLWan
 
-        vae = AutoencoderKLWan.from_pretrained(Path(model_dir) / "vae", torch_dtype=dtype, local_files_only=True)
+        vae = AutoencoderKLWan.from_pretrained(Path(model_dir) / "vae", torch_dtype=dtype, local_files_only=True,
+                                               low_cpu_mem_usage=False)  # no `accelerate` needed
         return cls(vae.to(device).eval().requires_grad_(False))
 
     @property

@@ -126,6 +126,8 @@ def _torch_load(path: str):
             if "mmap" not in str(e):
                 raise
             return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError) as e:
+        raise ValueError(f"{path}: cannot read it as a torch checkpoint ({type(e).__name__}: {e})") from None
     except pickle.UnpicklingError as e:
         raise ValueError(
             f"{path}: refused to load: the pickle holds objects that torch.load(weights_only=True) does not "

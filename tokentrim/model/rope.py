@@ -62,8 +62,6 @@ def rope_cos_sin(cos_tab, sin_tab, frame_start, num_frames: int, h: int, w: int)
     dev = cos_tab.device
     nt, nh, _ = (b // 2 for b in rope_split(2 * cos_tab.shape[1]))
     f_idx = _frame_positions(frame_start, num_frames, dev)
-    h_idx = torch.arange(h, device=dev)
-    w_idx = torch.arange(w, device=dev)
     out = []
     for tab in (cos_tab, sin_tab):
         ft = tab[:, :nt].index_select(0, f_idx)[:, None, None, :].expand(num_frames, h, w, nt)

@@ -173,6 +173,7 @@ class WanModel(nn.Module):
         if not isinstance(cfg, WanConfig):
             raise TypeError(f"cfg must be a WanConfig, got {type(cfg).__name__}")
         self.config = cfg
+        self.attention_backend = "auto"  # tokentrim.ops backend of the cached self-attention
         with torch.device(device) if device is not None else nullcontext():
             d = cfg.dim
             self.patch_embedding = nn.Conv3d(cfg.in_dim, d, kernel_size=cfg.patch_size, stride=cfg.patch_size)
@@ -316,6 +317,10 @@ class WanModel(nn.Module):
             h = block(h, e0, rope, ctx.k[i], ctx.v[i], attend)
         return self._unpatchify(self.head(h, e), H, W)
 
+    def forward(self, x, t, ctx_or_text, frame_mask=None):
+        """Same as ``forward_full``."""
+        return self.forward_full(x, t, ctx_or_text, frame_mask=frame_mask)
+
     def forward_cached(self, x, t, ctx, cache, frame_start, kv_only: bool = False):
         """One block of frames against the KV cache (does not commit).
 
@@ -368,7 +373,7 @@ class WanModel(nn.Module):
             ck = cache.k(i)
             if sink_rope is not None:
                 ck[:, : cache.sink_tokens].copy_(apply_rope(cache.sink_raw[i], *sink_rope))
-            o = ops.masked_attention(q.to(cdt), ck, cache.v(i), keep=cache.keep, kv_len=kv_len)
+            o = ops.masked_attention(q.to(cdt), ck, cache.v(i), keep=cache.keep, kv_len=kv_len, backend=self.attention_backend)
             h = block.finish(h, mod, o, ctx.k[i], ctx.v[i])
         return self._unpatchify(self.head(h, e), H, W)
 

@@ -206,10 +206,11 @@ class RollingForcingRollout:
                     t = torch.cat([self.timesteps[j].expand(batch, bf) for j in levels], dim=1).to(facts.device)
                     fs = first * bf
                     self.cache.prepare(x.shape[1])
+                    attended = list(self.cache.frames)
                     x0 = self._window(x, t, fs)
                     forwards += 1
                     win = {"window": w, "blocks": blocks, "frame_start": fs, "levels": levels,
-                           "timesteps": t[0].tolist()}
+                           "timesteps": t[0].tolist(), "cache_frames": attended}
                     self.windows.append(win)
                     pending.append(win)
                     trim_record, passes = None, 0

@@ -1,0 +1,227 @@
+"""Shared pieces of the benchmark sections: environment record, timing, result rows and files.
+
+A result row is one measurement (long format): section, name, impl, shape, dtype, device,
+metric, value, unit, baseline, ratio, note. ``baseline`` names the implementation measured in the
+same run that ``ratio`` compares against; for times, ratio = baseline time / this time (a speedup,
+> 1 means faster than the baseline).
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+
+FIELDS = (
+    "section",
+    "name",
+    "impl",
+    "shape",
+    "dtype",
+    "device",
+    "metric",
+    "value",
+    "unit",
+    "baseline",
+    "ratio",
+    "note",
+)
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+# ---------------------------------------------------------------------------------- environment
+def git_sha() -> str | None:
+    """Short sha of HEAD (with "+dirty" when the tree has changes), or None outside a git checkout."""
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
+        )
+        if sha.returncode != 0:
+            return None
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return sha.stdout.strip() + ("+dirty" if dirty.returncode == 0 and dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return cpu_name()
+
+
+def env_info(device: torch.device) -> dict:
+    """Everything needed to interpret a result file later."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {
+        "device": str(device),
+        "device_name": device_name(device),
+        "cuda": torch.version.cuda if device.type == "cuda" else None,
+        "cpu_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "triton_interpret": os.environ.get("TRITON_INTERPRET", ""),
+        "platform": platform.platform(),
+        "git_sha": git_sha(),
+        "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "argv": sys.argv[1:],
+    }
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
+
+
+def device_slug(env: dict) -> str:
+    """Short file-name tag: "cpu" or the GPU name, e.g. "nvidia-h100-80gb-hbm3"."""
+    return "cpu" if env["device"].startswith("cpu") else slug(env["device_name"])
+
+
+# --------------------------------------------------------------------------------------- timing
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(
+    fn: Callable[[], object], device: torch.device, repeats: int = 20, warmup: int = 3, quick=False
+) -> float:
+    """Median wall time of ``fn()`` in milliseconds.
+
+    CUDA: ``triton.testing.do_bench`` (median over its repetitions; L2 flushed between calls), with
+    a shorter window when ``quick``. CPU: ``warmup`` untimed calls, then the median of ``repeats``
+    ``time.perf_counter`` measurements of single calls.
+    """
+    if device.type == "cuda":
+        import triton.testing
+
+        return float(
+            triton.testing.do_bench(
+                fn, warmup=5 if quick else 25, rep=20 if quick else 100, return_mode="median"
+            )
+        )
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    samples = []
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(samples)
+
+
+# ------------------------------------------------------------------------------------- results
+def row(
+    section, name, impl, shape, dtype, metric, value, unit, *, device="", baseline="", ratio=None, note=""
+):
+    """One long-format measurement (see module docstring)."""
+    return {
+        "section": section,
+        "name": name,
+        "impl": impl,
+        "shape": shape,
+        "dtype": str(dtype).replace("torch.", ""),
+        "device": str(device),
+        "metric": metric,
+        "value": value,
+        "unit": unit,
+        "baseline": baseline,
+        "ratio": ratio,
+        "note": note,
+    }
+
+
+def add_ratios(rows: list[dict], baseline_impl: str, metric: str = "time") -> None:
+    """Fill baseline/ratio of every ``metric`` row from the row of ``baseline_impl`` with the same
+    section, name, shape and dtype (ratio = baseline value / value)."""
+    key = lambda r: (r["section"], r["name"], r["shape"], r["dtype"], r["metric"])
+    base = {key(r): r["value"] for r in rows if r["impl"] == baseline_impl and r["metric"] == metric}
+    for r in rows:
+        b = base.get(key(r))
+        if r["metric"] == metric and b is not None and r["value"]:
+            r["baseline"] = baseline_impl
+            r["ratio"] = b / r["value"]
+
+
+def write_results(rows: list[dict], env: dict, out_dir: Path, tag: str) -> tuple[Path, Path]:
+    """Write ``<tag>-<device-slug>-<YYYYMMDD>.csv`` and ``.json`` (the json also holds ``env``)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"{slug(tag)}-{device_slug(env)}-{env['date_utc'][:10].replace('-', '')}"
+    csv_path, json_path = out_dir / f"{stem}.csv", out_dir / f"{stem}.json"
+    with open(csv_path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: _fmt_csv(r.get(k)) for k in FIELDS})
+    with open(json_path, "w", encoding="utf-8") as f:
+        json.dump({"env": env, "rows": [{k: r.get(k) for k in FIELDS} for r in rows]}, f, indent=1)
+        f.write("\n")
+    return csv_path, json_path
+
+
+def _fmt_csv(v):
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return v
+
+
+def _fmt(v) -> str:
+    if v is None or v == "":
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def print_table(rows: Iterable[dict], file=None) -> None:
+    """Aligned text table of the rows (empty columns dropped)."""
+    rows = list(rows)
+    if not rows:
+        return
+    cols = [c for c in FIELDS if any(r.get(c) not in (None, "") for r in rows)]
+    cells = [[_fmt(r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(line[i]) for line in cells)) for i, c in enumerate(cols)]
+    out = file or sys.stdout
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)), file=out)
+    print("  ".join("-" * w for w in widths), file=out)
+    for line in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(line, widths)), file=out)

@@ -1,0 +1,276 @@
+"""Self Forcing / Rolling Forcing rollouts with TokenTrim on a tiny random Wan model (CPU)."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from tokentrim import telemetry
+from tokentrim.config import TokenTrimConfig
+from tokentrim.model import WanConfig, WanModel, block_causal_frame_mask
+from tokentrim.rollout import (
+    FlowSchedule,
+    GraphRunner,
+    RollingForcingConfig,
+    RollingForcingRollout,
+    SelfForcingConfig,
+    SelfForcingRollout,
+)
+from tokentrim.rollout.common import block_noise
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return WanModel(WanConfig.preset("tiny")).eval()
+
+
+@pytest.fixture(scope="module")
+def text():
+    return torch.randn(2, 8, 64, generator=torch.Generator().manual_seed(1))
+
+
+def _sf(model, text, blocks, h=4, w=6, seed=0, trim=None, **cfg):
+    return SelfForcingRollout(model, SelfForcingConfig(**cfg), trim=trim).run(text, blocks, h, w, seed=seed)
+
+
+def test_determinism_and_seed(model, text):
+    a = _sf(model, text, 2, seed=5)
+    b = _sf(model, text, 2, seed=5)
+    c = _sf(model, text, 2, seed=6)
+    assert a.latents.shape == (2, 6, 16, 4, 6) and a.latents.dtype == torch.float32
+    assert torch.equal(a.latents, b.latents)
+    assert not torch.allclose(a.latents, c.latents)
+    assert torch.isfinite(a.latents).all()
+    assert a.timings["latent_frames"] == 6 and a.timings["pixel_frames"] == 21
+    assert [r["forwards"] for r in a.records] == [5, 4]  # 4 steps + refresh, last block no refresh
+
+
+def test_trim_disabled_and_never_equal_plain(model, text):
+    plain = _sf(model, text, 4)
+    off = _sf(model, text, 4, trim=TokenTrimConfig(enabled=False))
+    never = _sf(model, text, 4, trim=TokenTrimConfig(force="never", warmup=1))
+    assert torch.equal(plain.latents, off.latents)
+    assert torch.equal(plain.latents, never.latents)  # detection alone changes nothing
+    assert never.records[1]["severity"] is not None and not any(never.records[3]["prune"])
+    assert off.records[2]["severity"] is None
+
+
+def test_graph_runner_cpu_path_equals_plain(model, text):
+    plain = _sf(model, text, 2)
+    r = SelfForcingRollout(model, SelfForcingConfig(), use_graphs=True)
+    graphs = r.run(text, 2, 4, 6, seed=0)
+    assert not r.runner.use_graphs and r.runner.captures == 0 and r.runner.calls == 9
+    assert torch.equal(plain.latents, graphs.latents)
+
+
+def _forward_full_rollout(model, text, blocks, h, w, seed, cfg):
+    """Self Forcing re-done with forward_full over the growing sequence and a block-causal mask."""
+    sched = FlowSchedule(cfg.shift)
+    steps = sched.warp(cfg.denoising_steps)
+    bf, B = cfg.block_frames, text.shape[0]
+    clean = torch.zeros(B, 0, 16, h, w)
+    for b in range(blocks):
+        noise = block_noise(seed, b, len(steps), (B, bf, 16, h, w), "cpu")
+        x = noise[0]
+        F = (b + 1) * bf
+        mask = block_causal_frame_mask(F, bf, sink_frames=cfg.sink_frames, window_frames=cfg.cache_frames - cfg.sink_frames)
+        for i, t in enumerate(steps.tolist()):
+            tt = torch.cat([torch.zeros(B, b * bf), torch.full((B, bf), t)], dim=1)
+            flow = model.forward_full(torch.cat([clean, x], dim=1), tt, text, frame_mask=mask)[:, -bf:]
+            x0 = sched.x0_from_flow(flow, x, t)
+            if i + 1 < len(steps):
+                x = sched.renoise(x0, noise[i + 1], float(steps[i + 1]))
+        clean = torch.cat([clean, x0], dim=1)
+    return clean
+
+
+@pytest.mark.parametrize("blocks,cache_frames", [(3, 21), (5, 9)])
+def test_cached_self_forcing_equals_forward_full(model, text, blocks, cache_frames):
+    """(5, 9): past the cache size the sink (3 frames) + rolling window must give the same result
+    as attention restricted to sink + last 6 frames at absolute RoPE positions."""
+    cfg = SelfForcingConfig(cache_frames=cache_frames, sink_frames=3)
+    r = SelfForcingRollout(model, cfg)
+    res = r.run(text, blocks, 4, 6, seed=2)
+    ref = _forward_full_rollout(model, text, blocks, 4, 6, 2, cfg)
+    torch.testing.assert_close(res.latents, ref, rtol=1e-4, atol=1e-4)
+    cache = r.cache
+    committed = [f for b in range(blocks - 1) for f in range(3 * b, 3 * b + 3)]
+    expect = committed if len(committed) <= cache_frames - 3 else committed[:3] + committed[-(cache_frames - 6):]
+    assert cache.frames == expect
+    tf = cache.token_frame[0, : int(cache.length[0])]
+    assert tf.tolist() == [f for f in expect for _ in range(cache.tokens_per_frame)]
+
+
+def test_rolling_forcing_window_timesteps(model, text):
+    cfg = RollingForcingConfig()
+    steps = FlowSchedule(5.0).warp(cfg.denoising_steps).tolist()
+    n, S = 7, 5
+    r = RollingForcingRollout(model, cfg)
+    res = r.run(text, n, 4, 6, seed=0)
+    assert res.latents.shape == (2, 21, 16, 4, 6) and torch.isfinite(res.latents).all()
+    assert len(res.windows) == n + S - 1
+    seen = {b: [] for b in range(n)}
+    for win in res.windows:
+        blocks = win["blocks"]
+        assert blocks == list(range(blocks[0], blocks[-1] + 1)) and len(blocks) <= S
+        assert win["frame_start"] == 3 * blocks[0]
+        levels = [win["window"] - b for b in blocks]
+        assert levels == sorted(levels, reverse=True)  # oldest block: lowest noise
+        expected = [steps[j] for j in levels for _ in range(3)]
+        assert win["timesteps"] == pytest.approx(expected, rel=1e-6)
+        for b, j in zip(blocks, levels):
+            seen[b].append(j)
+        # a window attends to the sink (block 0), then as many latest clean frames as fit in
+        # sink + local + window = 21 frames (one block for a full window), then itself
+        done = list(range(3 * blocks[0]))
+        room = 21 - 3 * len(blocks) - 3
+        assert win["cache_frames"] == done[:3] + done[3:][len(done[3:]) - min(room, len(done[3:])):]
+    assert all(seen[b] == list(range(S)) for b in range(n))
+    assert [rec["block"] for rec in res.records] == list(range(n))
+    assert res.windows[6]["cache_frames"] == [0, 1, 2, 3, 4, 5]
+    assert r.cache.raw_sink and r.cache.sink_raw.abs().sum() > 0
+    tf = r.cache.token_frame[1, : int(r.cache.length[1])]
+    assert tf.tolist() == [f for f in r.cache.frames for _ in range(r.cache.tokens_per_frame)]
+    again = RollingForcingRollout(model, cfg, trim=TokenTrimConfig(enabled=False)).run(text, n, 4, 6, seed=0)
+    assert torch.equal(res.latents, again.latents)
+
+
+class SmoothVideo:
+    """Wraps a model so the clean prediction is a smooth, decelerating pan plus a small model term:
+    flow' = 0.05 * flow + (x - target) / sigma, so x0 = target - 0.05 * sigma * flow. The drift
+    between consecutive blocks then shrinks block after block, so an undisturbed run has no drift
+    outlier; ``corrupt`` = (block, token positions, amount) adds a spike to those tokens of that
+    block's first attempt (its first 4 denoising forwards)."""
+
+    def __init__(self, model, h, w, corrupt=None):
+        self.model, self.corrupt, self.calls = model, corrupt, {}
+        yy, xx = torch.meshgrid(torch.arange(h).float(), torch.arange(w).float(), indexing="ij")
+        self.grid = (yy, xx)
+        self.forward_cached_orig = model.forward_cached
+
+    def target(self, frames):
+        yy, xx = self.grid
+        phase = 3.0 * torch.log1p(torch.tensor(frames, dtype=torch.float32))
+        c = torch.arange(16).float()
+        return torch.sin(0.6 * xx + 0.4 * yy + c[None, :, None, None] + phase[:, None, None, None])
+
+    def __call__(self, x, t, ctx, cache, frame_start, kv_only=False):
+        out = self.forward_cached_orig(x, t, ctx, cache, frame_start, kv_only=kv_only)
+        if out is None:
+            return None
+        fs = int(frame_start)
+        sigma = (t.float() / 1000).view(*t.shape, 1, 1, 1)
+        tgt = self.target(list(range(fs, fs + x.shape[1])))[None]
+        out = 0.05 * out + (x.float() - tgt) / sigma
+        n = self.calls[fs] = self.calls.get(fs, 0) + 1
+        if self.corrupt is not None and fs == 3 * self.corrupt[0] and n <= 4:
+            _, positions, amount = self.corrupt
+            wt = x.shape[-1] // 2
+            for p in positions:
+                r, c = divmod(p, wt)
+                out[:, :, :, 2 * r:2 * r + 2, 2 * c:2 * c + 2] -= amount / sigma
+        return out
+
+
+def _smooth_run(model, text, corrupt, seed):
+    wrapper = SmoothVideo(model, 8, 8, corrupt)
+    model.forward_cached = wrapper
+    try:
+        r = SelfForcingRollout(model, SelfForcingConfig(), trim=TokenTrimConfig())
+        res = r.run(text, 7, 8, 8, seed=seed)
+    finally:
+        del model.forward_cached
+    return r, res
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_smooth_run_is_never_pruned(model, text, seed):
+    r, res = _smooth_run(model, text, None, seed)
+    decided = [rec for rec in res.records[1:] if not all(rec["warming_up"])]
+    assert len(decided) == 4
+    assert res.records[0]["prune"] is None  # block 0: nothing to compare with
+    assert all(not any(rec["prune"]) and rec["num_regenerations"] == 0 for rec in res.records[1:])
+    assert all(not any(rec["detected"]) for rec in res.records[1:])
+
+
+def test_corrupted_block_is_flagged_masked_and_regenerated_once(model, text, tmp_path):
+    positions = [5, 10]  # 8x8 latents: 16 tokens per frame, k = round(0.1 * 16) = 2
+    r, res = _smooth_run(model, text, (5, positions, 6.0), seed=0)
+    recs = res.records
+    for rec in recs:
+        if rec["block"] != 5:
+            assert not rec["prune"] or not any(rec["prune"]), rec
+    bad = recs[5]
+    assert bad["prune"] == [True, True] and bad["detected"] == [True, True]
+    assert bad["regenerations"] == [1, 1] and bad["num_regenerations"] == 1 and bad["regenerated"] == [True, True]
+    assert bad["forwards"] == 4 + 4 + 1
+    assert all(sorted(ix) == positions for ix in bad["unstable_idx"])
+    assert all(f < s for f, s in zip(bad["final_severity"], bad["severity"]))  # the regenerated block is clean
+    # the flagged positions of the previous block (frames 12..14) are masked, in every layer's keys
+    cache = r.cache
+    for v in range(2):
+        L = int(cache.length[v])
+        masked = ~cache.keep[v, :L]
+        tf, tp = cache.token_frame[v, :L], cache.token_pos[v, :L]
+        want = ((tf >= 12) & (tf <= 14)) & ((tp == 5) | (tp == 10))
+        assert torch.equal(masked, want)
+    # the regenerated block is close to the clean (uncorrupted) one, the corrupted attempt was not kept
+    _, clean = _smooth_run(model, text, None, seed=0)
+    assert (res.latents[:, 15:18] - clean.latents[:, 15:18]).abs().max() < 0.5
+    # telemetry JSON and PNG
+    js = telemetry.save_json(res.records, tmp_path / "t.json", {"seed": 0})
+    data = json.loads(open(js).read())
+    assert len(data["blocks"]) == 7 and data["blocks"][5]["prune"] == [True, True]
+    assert data["blocks"][0]["severity"] is None
+    png = telemetry.plot(res.records, tmp_path / "t.png")
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rolling_forcing_trim_regenerates(model, text):
+    trim = TokenTrimConfig(force="always", warmup=1)
+    r = RollingForcingRollout(model, RollingForcingConfig(), trim=trim)
+    res = r.run(text, 4, 4, 6, seed=0)
+    plain = RollingForcingRollout(model, RollingForcingConfig()).run(text, 4, 4, 6, seed=0)
+    # block 1: warm-up (its previous block is the raw sink, which cannot be masked anyway);
+    # blocks 2, 3: mask the previous block's unstable tokens and re-run the window forward once
+    assert [rec["num_regenerations"] for rec in res.records] == [0, 0, 1, 1]
+    assert res.records[1]["warming_up"] == [True, True]
+    assert res.records[3]["prune"] == [True, True] and res.records[3]["regenerations"] == [1, 1]
+    assert [rec["forwards"] for rec in res.records] == [5 + 1, 1 + 1, 2 + 1, 1 + 1]
+    assert torch.equal(res.latents[:, :6], plain.latents[:, :6])
+    assert not torch.equal(res.latents[:, 6:], plain.latents[:, 6:])
+    assert (~r.cache.keep[:, : int(r.cache.length.min())]).sum() > 0
+
+
+def test_bad_arguments(model, text):
+    with pytest.raises(ValueError, match="cache_frames"):
+        SelfForcingConfig(cache_frames=6)
+    with pytest.raises(ValueError, match="window_blocks"):
+        RollingForcingConfig(window_blocks=4)
+    with pytest.raises(TypeError, match="trim"):
+        SelfForcingRollout(model, trim={"enabled": True})
+    with pytest.raises(ValueError, match="multiples of the patch"):
+        SelfForcingRollout(model).run(text, 1, 5, 6)
+    with pytest.raises(ValueError, match="num_blocks"):
+        SelfForcingRollout(model).run(text, 0, 4, 6)
+    with pytest.raises(ValueError, match="persist"):
+        SelfForcingRollout(model, SelfForcingConfig(compact_after_prune=True), trim=TokenTrimConfig(persist=False)).run(text, 1, 4, 6)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replay_equals_eager(text):
+    torch.manual_seed(0)
+    m = WanModel(WanConfig.preset("small"), dtype=torch.bfloat16, device="cuda").eval()
+    tx = torch.randn(2, 8, 128, generator=torch.Generator().manual_seed(0)).cuda()
+    for cls, cfg in ((SelfForcingRollout, SelfForcingConfig(cache_frames=9)), (RollingForcingRollout, RollingForcingConfig())):
+        trim = TokenTrimConfig(force="always", warmup=1)
+        eager = cls(m, cfg, trim=trim).run(tx, 6, 16, 16, seed=0)
+        r = cls(m, cfg, trim=trim, use_graphs=True)
+        graphed = r.run(tx, 6, 16, 16, seed=0)
+        assert r.runner.use_graphs and r.runner.captures >= 1
+        assert r.runner.calls > r.runner.captures
+        torch.testing.assert_close(graphed.latents, eager.latents, rtol=0, atol=0)
+    assert math.isfinite(float(graphed.latents.abs().max()))
+    assert isinstance(GraphRunner, type)

@@ -1,0 +1,239 @@
+"""The ``tokentrim`` command.
+
+Subcommands:
+
+- ``tokentrim rollout``: a latents-only Self Forcing / Rolling Forcing rollout (random weights or a
+  checkpoint, random text embeddings unless given) with TokenTrim; writes ``latents.pt``
+  ([B, F, C, H, W] float32), ``telemetry.json`` and ``telemetry.png`` into ``--out``.
+- ``tokentrim generate``: prompt -> mp4 (registered when ``tokentrim.generate`` is importable).
+
+Bad arguments end with an argparse error (exit code 2), never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+PIPELINES = ("self-forcing", "rolling-forcing")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: ...)" unless the help already states the default."""
+
+    def _get_help_string(self, action):
+        if "(default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def add_rollout_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``rollout`` on an argparse subparsers object (handler: ``run_rollout``)."""
+    from tokentrim.config import TokenTrimConfig
+    from tokentrim.model.config import PRESETS
+
+    p = subparsers.add_parser(
+        "rollout",
+        help="latents-only Self Forcing / Rolling Forcing rollout with TokenTrim telemetry",
+        description=(
+            "Run a latents-only autoregressive rollout of a Wan2.1 DiT (random weights from a preset, "
+            "or --checkpoint) with TokenTrim, and write latents.pt, telemetry.json and telemetry.png "
+            "into --out. Text conditioning is random embeddings (seeded) unless --text-embeddings."
+        ),
+        formatter_class=_HelpFormatter,
+    )
+    g = p.add_argument_group("model")
+    g.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="random-weight model size (default: tiny on CPU, wan2.1-t2v-1.3b on CUDA); with "
+                        "--checkpoint: the config used when the checkpoint carries none")
+    g.add_argument("--checkpoint", metavar="PATH", default=None,
+                   help="Wan/diffusers folder, .safetensors or Self/Rolling Forcing .pt to load instead of "
+                        "random weights")
+    g.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="weight dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where to run (auto = cuda when available)")
+    g.add_argument("--text-embeddings", metavar="PATH", default=None,
+                   help="a .pt tensor [B, Lt, text_dim] of text encoder output (default: random, seeded)")
+    g = p.add_argument_group("rollout")
+    g.add_argument("--pipeline", choices=PIPELINES, default="self-forcing", help="which AR rollout")
+    g.add_argument("--blocks", type=_positive_int, default=4, help="AR blocks of 3 latent frames")
+    g.add_argument("--height", type=_positive_int, default=None,
+                   help="latent height (default 16; 60 = 480 px with the 1.3B preset)")
+    g.add_argument("--width", type=_positive_int, default=None,
+                   help="latent width (default 16; 104 = 832 px with the 1.3B preset)")
+    g.add_argument("--batch", type=_positive_int, default=1, help="videos generated together")
+    g.add_argument("--seed", type=_nonneg_int, default=0, help="noise (and random weights/text) seed")
+    g.add_argument("--cache-frames", type=_positive_int, default=21,
+                   help="Self Forcing KV cache capacity in latent frames (longer rollouts evict)")
+    g.add_argument("--sink-frames", type=_nonneg_int, default=3,
+                   help="attention-sink frames kept forever (Rolling Forcing needs >= 1)")
+    g.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=False,
+                   help="capture the cached forward into CUDA graphs (CUDA only; eager on CPU)")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", metavar="DIR", default="tokentrim_out",
+                   help="output folder for latents.pt, telemetry.json, telemetry.png")
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="show a progress bar per block")
+    TokenTrimConfig.add_cli_arguments(p)
+    p.set_defaults(func=run_rollout, _parser=p)
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``tokentrim`` parser with every available subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="tokentrim",
+        description="tokentrim: Wan2.1 autoregressive video rollouts with TokenTrim drift pruning.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    add_rollout_parser(sub)
+    try:
+        from tokentrim import generate
+    except ImportError:
+        generate = None
+    if generate is not None:
+        generate.add_parser(sub)
+    return parser
+
+
+def _resolve(args, parser):
+    """Check the arguments that argparse cannot; returns (device, dtype, preset, trim config)."""
+    import torch
+
+    from tokentrim.config import TokenTrimConfig
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    preset = args.preset or ("wan2.1-t2v-1.3b" if device.type == "cuda" else "tiny")
+    big = preset == "wan2.1-t2v-1.3b"
+    args.height = args.height or (60 if big else 16)
+    args.width = args.width or (104 if big else 16)
+    if args.height % 2 or args.width % 2:
+        parser.error(f"--height and --width must be even (the model's 2x2 patch), got {args.height}x{args.width}")
+    if args.checkpoint is not None and not os.path.exists(args.checkpoint):
+        parser.error(f"--checkpoint {args.checkpoint!r} does not exist")
+    if args.text_embeddings is not None and not os.path.isfile(args.text_embeddings):
+        parser.error(f"--text-embeddings {args.text_embeddings!r} is not a file")
+    if args.pipeline == "rolling-forcing" and args.sink_frames < 1:
+        parser.error("--sink-frames must be >= 1 for --pipeline rolling-forcing")
+    try:
+        trim = TokenTrimConfig.from_cli_args(args)
+    except (TypeError, ValueError) as e:
+        parser.error(str(e))
+    return device, dtype, preset, trim
+
+
+def _make_rollout(args, parser, model, trim):
+    from tokentrim.rollout import RollingForcingConfig, RollingForcingRollout, SelfForcingConfig, SelfForcingRollout
+
+    try:
+        if args.pipeline == "self-forcing":
+            cfg = SelfForcingConfig(cache_frames=args.cache_frames, sink_frames=args.sink_frames)
+            return SelfForcingRollout(model, cfg, trim=trim, use_graphs=args.graphs)
+        cfg = RollingForcingConfig(sink_frames=args.sink_frames)
+        return RollingForcingRollout(model, cfg, trim=trim, use_graphs=args.graphs)
+    except (TypeError, ValueError) as e:
+        parser.error(str(e))
+
+
+def run_rollout(args) -> int:
+    """Handler of ``tokentrim rollout``; returns the exit code."""
+    import torch
+
+    from tokentrim import telemetry
+    from tokentrim.model import WanConfig, WanModel, load_wan
+
+    parser = args._parser
+    device, dtype, preset, trim = _resolve(args, parser)
+    torch.manual_seed(args.seed)
+    if args.checkpoint is not None:
+        try:
+            model = load_wan(args.checkpoint, config=args.preset, dtype=dtype, device=device)
+        except (OSError, ValueError) as e:
+            parser.error(f"--checkpoint: {e}")
+    else:
+        model = WanModel(WanConfig.preset(preset), dtype=dtype, device=device).eval()
+    cfg = model.config
+    if args.text_embeddings is not None:
+        text = torch.load(args.text_embeddings, map_location="cpu", weights_only=True)
+        if not isinstance(text, torch.Tensor) or text.dim() != 3 or text.shape[2] != cfg.text_dim:
+            parser.error(f"--text-embeddings must hold a [B, Lt, {cfg.text_dim}] tensor, got "
+                         f"{tuple(text.shape) if isinstance(text, torch.Tensor) else type(text).__name__}")
+        if text.shape[0] == 1 and args.batch > 1:
+            text = text.expand(args.batch, -1, -1)
+        if text.shape[0] != args.batch:
+            parser.error(f"--text-embeddings batch {text.shape[0]} does not match --batch {args.batch}")
+    else:
+        gen = torch.Generator().manual_seed(args.seed)
+        text = torch.randn(args.batch, cfg.text_len, cfg.text_dim, generator=gen)
+    rollout = _make_rollout(args, parser, model, trim)
+    try:
+        cfg.tokens_per_frame(args.height, args.width)
+    except ValueError as e:
+        parser.error(str(e))
+    result = rollout.run(text.to(device), args.blocks, args.height, args.width, seed=args.seed, progress=args.progress)
+
+    os.makedirs(args.out, exist_ok=True)
+    latents_path = os.path.join(args.out, "latents.pt")
+    torch.save(result.latents, latents_path)
+    meta = {
+        "pipeline": args.pipeline,
+        "preset": None if args.checkpoint else preset,
+        "checkpoint": args.checkpoint,
+        "device": str(device),
+        "dtype": str(dtype).replace("torch.", ""),
+        "blocks": args.blocks,
+        "latent_size": [args.height, args.width],
+        "batch": args.batch,
+        "seed": args.seed,
+        "trim": trim.to_dict(),
+        "timings": result.timings,
+        "summary": rollout.controller.summary() if rollout.controller is not None else None,
+    }
+    json_path = telemetry.save_json(result.records, os.path.join(args.out, "telemetry.json"), meta)
+    png_path = telemetry.plot(result.records, os.path.join(args.out, "telemetry.png"),
+                              title=f"{args.pipeline}: TokenTrim {'on' if trim.enabled else 'off'}")
+    t = result.timings
+    regen = sum(r.get("num_regenerations") or 0 for r in result.records)
+    print(f"{args.pipeline}: {t['latent_frames']} latent frames in {t['total_s']:.2f} s "
+          f"({t['latent_fps']:.2f} latent frames/s, {t['pixel_fps']:.2f} pixel frames/s), "
+          f"{regen} regeneration(s)")
+    print(f"wrote {latents_path}, {json_path}, {png_path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``tokentrim`` console script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    code = args.func(args)
+    return int(code or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
