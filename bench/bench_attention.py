@@ -116,8 +116,9 @@ def _flex_fns(q, k, v, keep, kv_len, compiled: bool):
 def _bench_case(
     args, device, B, H, D, Lq, Lk, frac, dtype, *, kernel: bool, flex_compiled: bool, layers: int
 ):
-    from tokentrim import reference
     from tokentrim.kernels import kv_compact, masked_attention
+
+    from tokentrim import reference
 
     cpu = device.type == "cpu"
     repeats = min(args.repeats, CPU_MAX_REPEATS) if cpu else args.repeats
@@ -132,7 +133,7 @@ def _bench_case(
     def timed(fn, interp=False):
         if interp:  # one warm-up (compile) and one timed call
             return common.time_ms(fn, device, repeats=1, warmup=1, quick=args.quick)
-        return common.time_ms(fn, device, repeats=repeats, quick=args.quick)
+        return common.time_ms(fn, device, repeats=repeats, warmup=1 if cpu else 3, quick=args.quick)
 
     def add(impl, fn, fl, interp=False):
         times[impl] = timed(fn, interp)
