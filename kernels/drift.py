@@ -51,7 +51,7 @@ def _drift_kernel(
     w = tok % WT
     p = tl.arange(0, PP)  # patch offset (i, j) flattened row-major, padded to a power of two
     row = (h[:, None] * PH + (p // PW)[None, :]).to(tl.int64)
-    col = (w[:, None] * PW + (p // PH)[None, :]).to(tl.int64)
+    col = (w[:, None] * PW + (p % PW)[None, :]).to(tl.int64)
     mask = tok_ok[:, None] & (p < PH * PW)[None, :]
 
     c_ptrs = cand_ptr + b * csb + row * csh + col * csw  # [BLOCK_T, PP], frame 0 channel 0

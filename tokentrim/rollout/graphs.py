@@ -42,6 +42,8 @@ class GraphRunner:
         self.graphs: dict[tuple, tuple] = {}
         self.calls = 0
         self.captures = 0
+        #: per call (query frames, committed cache frames, kv_only): host-side, for FLOP counts
+        self.log: list[tuple[int, int, bool]] = []
         self._pool = None
 
     def _key(self, x: torch.Tensor, frame_start: int, kv_only: bool) -> tuple:
@@ -62,6 +64,7 @@ class GraphRunner:
         Host sync: none on the graph path (inputs are copied into static buffers, then replay).
         """
         self.calls += 1
+        self.log.append((int(x.shape[1]), len(self.cache.frames), bool(kv_only)))
         with nvtx_range("forward", frames=x.shape[1]):
             if not self.use_graphs:
                 return self.model.forward_cached(x, t, self.ctx, self.cache, frame_start, kv_only=kv_only)
