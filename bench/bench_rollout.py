@@ -1,6 +1,7 @@
 """Whole-rollout benchmark: Self Forcing and Rolling Forcing, TokenTrim off/on, eager vs CUDA graphs.
 
-Per pipeline, each configuration is one warm-up run then ``--rollout-repeats`` timed runs (median):
+Per pipeline, each configuration gets one warm-up run, then ``--rollout-repeats`` timed runs
+(median), interleaved across configurations:
 
 - ``eager`` (TokenTrim off): the baseline. Latent frames/s, pixel frames/s (4F-3, DiT only, no VAE),
   median per-block latency, achieved model TFLOP/s (counted FLOPs / time), peak memory (CUDA).
@@ -47,7 +48,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--rollout-width", type=int, default=None, help="latent width (default: 16 cpu, 104 cuda)")
     parser.add_argument("--rollout-batch", type=int, default=1, help="videos per rollout")
     parser.add_argument("--rollout-repeats", type=int, default=None,
-                        help="timed runs per configuration, median reported (default: 1 cpu, 3 cuda)")
+                        help="timed runs per configuration, median reported (default: 3; 1 with --quick)")
     parser.add_argument("--rollout-no-graphs", action="store_true", help="skip the CUDA-graph runs")
 
 
@@ -72,7 +73,7 @@ def _defaults(args, device):
         rf_blocks=args.rollout_rf_blocks or (30 if cuda else 4),
         height=args.rollout_height or (60 if cuda else 16),
         width=args.rollout_width or (104 if cuda else 16),
-        repeats=args.rollout_repeats or (1 if args.quick or not cuda else 3),
+        repeats=args.rollout_repeats or (1 if args.quick else 3),
     )
 
 
@@ -95,25 +96,17 @@ def _model(args, preset, device):
     return WanModel(WanConfig.preset(preset), dtype=dtype, device=device).eval()
 
 
-def _timed(make, text, blocks, h, w, repeats, device):
-    """Warm-up run, then ``repeats`` timed runs; returns (median total s, last result, rollout, peak bytes)."""
+def _run_once(make, text, blocks, h, w, device):
     r = make()
-    r.run(text, blocks, h, w, seed=0)
-    times, res, peak = [], None, None
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    for _ in range(repeats):
-        r = make()
-        common.synchronize(device)
-        res = r.run(text, blocks, h, w, seed=0)
-        common.synchronize(device)
-        times.append(res.timings["total_s"])
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device)
-    return statistics.median(times), res, r, peak
+    common.synchronize(device)
+    res = r.run(text, blocks, h, w, seed=0)
+    common.synchronize(device)
+    return res, r
 
 
 def _pipeline_rows(name, cls, cfg_cls, args, device, model, text, blocks, h, w, repeats):
+    """Rows of one pipeline. Configurations are timed interleaved (one run of each per round,
+    after one warm-up run of each), so a slow phase of a shared machine hits all of them."""
     from tokentrim.config import TokenTrimConfig
 
     mcfg = model.config
@@ -129,17 +122,33 @@ def _pipeline_rows(name, cls, cfg_cls, args, device, model, text, blocks, h, w, 
     if device.type == "cuda" and not args.rollout_no_graphs:
         runs["graphs"] = dict(trim=None, use_graphs=True)
         runs["graphs+trim-never"] = dict(trim=TokenTrimConfig(force="never"), use_graphs=True)
+    makers = {impl: (lambda kw=kw: cls(model, cfg_cls(), **kw)) for impl, kw in runs.items()}
+    times = {impl: [] for impl in runs}
+    last = {}
+    peak = {}
+    for rnd in range(repeats + 1):
+        for impl, make in makers.items():
+            print(f"[rollout] {name} {impl} {shape} {'warm-up' if rnd == 0 else f'run {rnd}/{repeats}'}",
+                  file=sys.stderr, flush=True)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            res, r = _run_once(make, text, blocks, h, w, device)
+            if rnd:
+                times[impl].append(res.timings["total_s"])
+                last[impl] = (res, r)
+            if device.type == "cuda":
+                peak[impl] = torch.cuda.max_memory_allocated(device)
     rows = []
-    for impl, kw in runs.items():
-        print(f"[rollout] {name} {impl} {shape} ...", file=sys.stderr, flush=True)
-        med, res, r, peak = _timed(lambda kw=kw: cls(model, cfg_cls(), **kw), text, blocks, h, w, repeats, device)
+    for impl in runs:
+        res, r = last[impl]
+        med = statistics.median(times[impl])
         F = res.timings["latent_frames"]
         pix = res.timings["pixel_frames"]
         block_ms = statistics.median(res.timings["block_s"]) * 1e3
         flops = rollout_flops(mcfg, B, tpf, r.runner.log)
-        row = lambda metric, value, unit, note="": common.row(
+        row = lambda metric, value, unit, note="", impl=impl: common.row(
             SECTION, name, impl, shape, dtype, metric, value, unit, device=device, note=note)
-        rows.append(row("time", med * 1e3, "ms", note=f"{r.runner.calls} forwards"))
+        rows.append(row("time", med * 1e3, "ms", note=f"median of {repeats}, {r.runner.calls} forwards"))
         rows.append(row("latent_fps", F * B / med, "frames/s"))
         rows.append(row("pixel_fps", pix * B / med, "frames/s", note="4F-3 pixel frames, DiT only"))
         rows.append(row("block_latency", block_ms, "ms", note="median per block"))
@@ -148,8 +157,8 @@ def _pipeline_rows(name, cls, cfg_cls, args, device, model, text, blocks, h, w, 
             regen = sum(rec.get("num_regenerations") or 0 for rec in res.records)
             decided = sum(1 for rec in res.records if rec.get("warming_up") is not None and not all(rec["warming_up"]))
             rows.append(row("regeneration_rate", regen / max(1, decided), "per decided block"))
-        if peak is not None:
-            rows.append(row("peak_memory", peak / 2**30, "GiB"))
+        if impl in peak:
+            rows.append(row("peak_memory", peak[impl] / 2**30, "GiB"))
     common.add_ratios(rows, "eager", metric="time")
     # graphs+trim-never against graphs: the detection overhead with graphs
     base = {r["metric"]: r["value"] for r in rows if r["impl"] == "graphs"}

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .validate import FLOAT_DTYPES, check_same_device, check_tensor
+from .validate import check_compact_inputs
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -59,23 +59,6 @@ def _compact_kernel(
         x = tl.load(base + offs_l.to(tl.int64)[:, None] * s_l + offs_d[None, :], mask=m2, other=0.0)
         tl.debug_barrier()
         tl.store(base + dest.to(tl.int64)[:, None] * s_l + offs_d[None, :], x, mask=m2)
-
-
-def check_compact_inputs(kv, keep, kv_len) -> None:
-    """Validate ``compact_kv`` inputs: kv [..., B, L, H, D], keep [B, L] bool, kv_len [B] int."""
-    check_tensor("kv", kv, dtypes=FLOAT_DTYPES)
-    if kv.dim() < 4:
-        raise ValueError(f"kv must be [..., B, L, H, D] (at least 4 dims), got shape {tuple(kv.shape)}")
-    B, L = kv.shape[-4], kv.shape[-3]
-    check_tensor("keep", keep, ndim=2, dtypes=(torch.bool,))
-    if tuple(keep.shape) != (B, L):
-        raise ValueError(
-            f"keep must be [B={B}, L={L}] to match kv {tuple(kv.shape)}, got shape {tuple(keep.shape)}"
-        )
-    check_tensor("kv_len", kv_len, ndim=1, dtypes=(torch.int32, torch.int64))
-    if kv_len.shape[0] != B:
-        raise ValueError(f"kv_len must be [B={B}], got shape {tuple(kv_len.shape)}")
-    check_same_device(kv=kv, keep=keep, kv_len=kv_len)
 
 
 def compact_kv(kv: torch.Tensor, keep: torch.Tensor, kv_len: torch.Tensor) -> torch.Tensor:
@@ -117,4 +100,4 @@ def compact_kv(kv: torch.Tensor, keep: torch.Tensor, kv_len: torch.Tensor) -> to
     return new_len
 
 
-__all__ = ["compact_kv", "check_compact_inputs"]
+__all__ = ["compact_kv"]

@@ -94,3 +94,20 @@ def check_kv_len_range(kv_len: torch.Tensor, lk_max: int) -> None:
     lo, hi = int(kv_len.min()), int(kv_len.max())
     if lo < 0 or hi > lk_max:
         raise ValueError(f"kv_len values must be in [0, Lk_max={lk_max}], got min {lo}, max {hi}")
+
+
+def check_compact_inputs(kv, keep, kv_len) -> None:
+    """Validate ``compact_kv`` inputs: kv [..., B, L, H, D], keep [B, L] bool, kv_len [B] int."""
+    check_tensor("kv", kv, dtypes=FLOAT_DTYPES)
+    if kv.dim() < 4:
+        raise ValueError(f"kv must be [..., B, L, H, D] (at least 4 dims), got shape {tuple(kv.shape)}")
+    B, L = kv.shape[-4], kv.shape[-3]
+    check_tensor("keep", keep, ndim=2, dtypes=(torch.bool,))
+    if tuple(keep.shape) != (B, L):
+        raise ValueError(
+            f"keep must be [B={B}, L={L}] to match kv {tuple(kv.shape)}, got shape {tuple(keep.shape)}"
+        )
+    check_tensor("kv_len", kv_len, ndim=1, dtypes=(torch.int32, torch.int64))
+    if kv_len.shape[0] != B:
+        raise ValueError(f"kv_len must be [B={B}], got shape {tuple(kv_len.shape)}")
+    check_same_device(kv=kv, keep=keep, kv_len=kv_len)

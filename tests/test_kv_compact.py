@@ -153,3 +153,18 @@ def test_large_cache_gpu(dtype):
     keep[:, 100:900] = False
     kv_len = torch.tensor([4000, L], dtype=torch.int32, device=DEVICE)
     check_compaction(kv, keep, kv_len)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_ops_compact_kv_rejects_bad_input_on_every_backend(backend):
+    kv = torch.zeros(2, 2, 3, 8, 2, 64)
+    keep = torch.ones(3, 8, dtype=torch.bool)
+    kv_len = torch.full((3,), 8, dtype=torch.int32)
+    with pytest.raises(ValueError, match="keep"):
+        ops.compact_kv(kv, keep[:, :5], kv_len, backend=backend)
+    with pytest.raises(TypeError, match="keep"):
+        ops.compact_kv(kv, keep.int(), kv_len, backend=backend)
+    with pytest.raises(ValueError, match="kv_len"):
+        ops.compact_kv(kv, keep, kv_len[:2], backend=backend)
+    with pytest.raises(TypeError, match="kv"):
+        ops.compact_kv(kv.long(), keep, kv_len, backend=backend)

@@ -19,7 +19,7 @@ import os
 import torch
 
 from tokentrim import reference
-from tokentrim.kernels.validate import check_drift_inputs, check_finite
+from tokentrim.kernels.validate import check_compact_inputs, check_drift_inputs, check_finite
 
 BACKENDS = ("auto", "triton", "reference")
 
@@ -116,6 +116,7 @@ def compact_kv(kv, keep, kv_len, backend: str = "auto"):
         new kv_len [B] int32 (number of kept tokens below the old kv_len). Slots past it are
         unspecified.
     """
+    check_compact_inputs(kv, keep, kv_len)
     if resolve_backend(backend, kv.device) == "triton":
         return _kernel("kv_compact").compact_kv(kv, keep, kv_len)
     return reference.compact_kv(kv, keep, kv_len)

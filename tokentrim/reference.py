@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from tokentrim.kernels.validate import check_attention_inputs, check_drift_inputs
+from tokentrim.kernels.validate import check_attention_inputs, check_compact_inputs, check_drift_inputs
 
 
 # --------------------------------------------------------------------------------------------- drift
@@ -88,6 +88,7 @@ def compact_kv(kv: torch.Tensor, keep: torch.Tensor, kv_len: torch.Tensor) -> to
     For each video b the tokens j < kv_len[b] with keep[b, j] move to the front, in order.
     Returns the new lengths [B] int32. Slots at or past the new length hold unspecified values.
     """
+    check_compact_inputs(kv, keep, kv_len)
     B, L = keep.shape
     valid = keep & (torch.arange(L, device=keep.device)[None, :] < kv_len.to(keep.device)[:, None])
     new_len = valid.sum(dim=1).to(torch.int32)
