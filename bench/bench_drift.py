@@ -2,7 +2,10 @@
 
 Shapes are latent blocks of Wan2.1 rollouts (C=16, 8x VAE downsampling, patch 2x2, 3-frame
 blocks compared with the previous 3-frame block, k = 10% of the tokens). On CUDA both backends
-are timed (bf16) and the kernel row carries speedup = reference_ms / triton_ms. On CPU only the
+are timed (bf16) and the kernel rows carry speedup = reference_ms / triton_ms ("triton": the
+two-launch default of ops.drift_topk, "triton-1launch": the experimental single launch; both
+called through the kernel module, without ops' input checks, like the reference row's ops call
+with check_finite_inputs=False). On CPU only the
 reference is timed (fp32): the kernel would run in the Triton interpreter, which measures Python,
 not the kernel; with TRITON_INTERPRET=1 and without --quick the interpreter is timed anyway, for
 information only.
@@ -11,6 +14,7 @@ information only.
 from __future__ import annotations
 
 import torch
+from tokentrim.kernels import drift as kdrift
 
 from bench import common
 from tokentrim import ops
@@ -82,18 +86,20 @@ def run(args, device: torch.device) -> list[dict]:
         if not use_triton:
             continue
         interp = device.type == "cpu"
-        tri_ms = common.time_ms(
-            lambda call=call: call("triton"),
-            device,
-            min(args.repeats, 3) if interp else args.repeats,
-            warmup=1,
-            quick=args.quick,
+        variants = (
+            [("triton-interpreter", False)] if interp else [("triton", False), ("triton-1launch", True)]
         )
-        impl = "triton-interpreter" if interp else "triton"
-        rows.append(
-            common.row(SECTION, label, impl, shape, dtype, "time", tri_ms, "ms", device=device, note=why)
-        )
-        rows += _accuracy_rows(label, impl, shape, dtype, device, call("triton"), call("reference"))
+        for impl, single in variants:
+
+            def tri(cand=cand, prev=prev, k=k, single=single):
+                return kdrift.drift_topk(cand, prev, k, single_launch=single)
+
+            reps = min(args.repeats, 3) if interp else args.repeats
+            tri_ms = common.time_ms(tri, device, reps, warmup=1, quick=args.quick)
+            rows.append(
+                common.row(SECTION, label, impl, shape, dtype, "time", tri_ms, "ms", device=device, note=why)
+            )
+            rows += _accuracy_rows(label, impl, shape, dtype, device, tri(), call("reference"))
     common.add_ratios(rows, "reference")
     return rows
 

@@ -34,21 +34,48 @@ SECTION = "rollout"
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--rollout-pipeline", choices=("self-forcing", "rolling-forcing", "both"), default="both",
-                        help="which rollout(s) to time")
-    parser.add_argument("--rollout-preset", default=None,
-                        help="WanConfig preset with random weights (default: tiny on cpu, wan2.1-t2v-1.3b on cuda)")
-    parser.add_argument("--rollout-checkpoint", default=None, metavar="PATH",
-                        help="load real weights (Wan/diffusers folder, .safetensors or Self/Rolling Forcing .pt)")
-    parser.add_argument("--rollout-blocks", type=int, default=None,
-                        help="Self Forcing blocks of 3 latent frames (default: 4 on cpu, 7 on cuda)")
-    parser.add_argument("--rollout-rf-blocks", type=int, default=None,
-                        help="Rolling Forcing blocks (default: 4 on cpu, 30 on cuda)")
-    parser.add_argument("--rollout-height", type=int, default=None, help="latent height (default: 16 cpu, 60 cuda)")
-    parser.add_argument("--rollout-width", type=int, default=None, help="latent width (default: 16 cpu, 104 cuda)")
+    parser.add_argument(
+        "--rollout-pipeline",
+        choices=("self-forcing", "rolling-forcing", "both"),
+        default="both",
+        help="which rollout(s) to time",
+    )
+    parser.add_argument(
+        "--rollout-preset",
+        default=None,
+        help="WanConfig preset with random weights (default: tiny on cpu, wan2.1-t2v-1.3b on cuda)",
+    )
+    parser.add_argument(
+        "--rollout-checkpoint",
+        default=None,
+        metavar="PATH",
+        help="load real weights (Wan/diffusers folder, .safetensors or Self/Rolling Forcing .pt)",
+    )
+    parser.add_argument(
+        "--rollout-blocks",
+        type=int,
+        default=None,
+        help="Self Forcing blocks of 3 latent frames (default: 4 on cpu, 7 on cuda)",
+    )
+    parser.add_argument(
+        "--rollout-rf-blocks",
+        type=int,
+        default=None,
+        help="Rolling Forcing blocks (default: 4 on cpu, 30 on cuda)",
+    )
+    parser.add_argument(
+        "--rollout-height", type=int, default=None, help="latent height (default: 16 cpu, 60 cuda)"
+    )
+    parser.add_argument(
+        "--rollout-width", type=int, default=None, help="latent width (default: 16 cpu, 104 cuda)"
+    )
     parser.add_argument("--rollout-batch", type=int, default=1, help="videos per rollout")
-    parser.add_argument("--rollout-repeats", type=int, default=None,
-                        help="timed runs per configuration, median reported (default: 3; 1 with --quick)")
+    parser.add_argument(
+        "--rollout-repeats",
+        type=int,
+        default=None,
+        help="timed runs per configuration, median reported (default: 3; 1 with --quick)",
+    )
     parser.add_argument("--rollout-no-graphs", action="store_true", help="skip the CUDA-graph runs")
 
 
@@ -128,8 +155,11 @@ def _pipeline_rows(name, cls, cfg_cls, args, device, model, text, blocks, h, w, 
     peak = {}
     for rnd in range(repeats + 1):
         for impl, make in makers.items():
-            print(f"[rollout] {name} {impl} {shape} {'warm-up' if rnd == 0 else f'run {rnd}/{repeats}'}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"[rollout] {name} {impl} {shape} {'warm-up' if rnd == 0 else f'run {rnd}/{repeats}'}",
+                file=sys.stderr,
+                flush=True,
+            )
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             res, r = _run_once(make, text, blocks, h, w, device)
@@ -147,15 +177,20 @@ def _pipeline_rows(name, cls, cfg_cls, args, device, model, text, blocks, h, w, 
         block_ms = statistics.median(res.timings["block_s"]) * 1e3
         flops = rollout_flops(mcfg, B, tpf, r.runner.log)
         row = lambda metric, value, unit, note="", impl=impl: common.row(
-            SECTION, name, impl, shape, dtype, metric, value, unit, device=device, note=note)
+            SECTION, name, impl, shape, dtype, metric, value, unit, device=device, note=note
+        )
         rows.append(row("time", med * 1e3, "ms", note=f"median of {repeats}, {r.runner.calls} forwards"))
         rows.append(row("latent_fps", F * B / med, "frames/s"))
         rows.append(row("pixel_fps", pix * B / med, "frames/s", note="4F-3 pixel frames, DiT only"))
         rows.append(row("block_latency", block_ms, "ms", note="median per block"))
-        rows.append(row("model_tflops", flops / med / 1e12, "TFLOP/s", note=f"{flops / 1e12:.3g} TFLOP counted"))
+        rows.append(
+            row("model_tflops", flops / med / 1e12, "TFLOP/s", note=f"{flops / 1e12:.3g} TFLOP counted")
+        )
         if "trim" in impl:
             regen = sum(rec.get("num_regenerations") or 0 for rec in res.records)
-            decided = sum(1 for rec in res.records if rec.get("warming_up") is not None and not all(rec["warming_up"]))
+            decided = sum(
+                1 for rec in res.records if rec.get("warming_up") is not None and not all(rec["warming_up"])
+            )
             rows.append(row("regeneration_rate", regen / max(1, decided), "per decided block"))
         if impl in peak:
             rows.append(row("peak_memory", peak[impl] / 2**30, "GiB"))
@@ -169,19 +204,48 @@ def _pipeline_rows(name, cls, cfg_cls, args, device, model, text, blocks, h, w, 
 
 
 def run(args, device: torch.device) -> list[dict]:
-    from tokentrim.rollout import RollingForcingConfig, RollingForcingRollout, SelfForcingConfig, SelfForcingRollout
+    from tokentrim.rollout import (
+        RollingForcingConfig,
+        RollingForcingRollout,
+        SelfForcingConfig,
+        SelfForcingRollout,
+    )
 
     _check(args)
     d = _defaults(args, device)
     model = _model(args, d["preset"], device)
     gen = torch.Generator().manual_seed(0)
-    text = torch.randn(args.rollout_batch, model.config.text_len, model.config.text_dim, generator=gen).to(device)
+    text = torch.randn(args.rollout_batch, model.config.text_len, model.config.text_dim, generator=gen).to(
+        device
+    )
     rows = []
     with torch.no_grad():
         if args.rollout_pipeline in ("self-forcing", "both"):
-            rows += _pipeline_rows("self_forcing", SelfForcingRollout, SelfForcingConfig, args, device, model, text,
-                                   d["sf_blocks"], d["height"], d["width"], d["repeats"])
+            rows += _pipeline_rows(
+                "self_forcing",
+                SelfForcingRollout,
+                SelfForcingConfig,
+                args,
+                device,
+                model,
+                text,
+                d["sf_blocks"],
+                d["height"],
+                d["width"],
+                d["repeats"],
+            )
         if args.rollout_pipeline in ("rolling-forcing", "both"):
-            rows += _pipeline_rows("rolling_forcing", RollingForcingRollout, RollingForcingConfig, args, device, model,
-                                   text, d["rf_blocks"], d["height"], d["width"], d["repeats"])
+            rows += _pipeline_rows(
+                "rolling_forcing",
+                RollingForcingRollout,
+                RollingForcingConfig,
+                args,
+                device,
+                model,
+                text,
+                d["rf_blocks"],
+                d["height"],
+                d["width"],
+                d["repeats"],
+            )
     return rows

@@ -1,6 +1,6 @@
 """Fused drift / top-k kernel: the Triton twin of ``tokentrim.reference.drift_topk``.
 
-Two launches:
+Two launches (or one with ``single_launch=True``, see ``_drift_topk_kernel``):
 
 1. ``_drift_kernel``, grid (B, cdiv(N, BLOCK_T)): each program reads, for a tile of tokens, every
    frame of ``cand`` and ``prev`` at every channel and patch offset (in place, with strides),
@@ -10,6 +10,9 @@ Two launches:
    into one int64 key (drift bits high, reversed index low), so a single descending sort gives
    decreasing drift with ties toward the lower index; it writes the first k indices and their
    mean drift (the severity).
+
+With ``single_launch=True``, ``_drift_topk_kernel`` runs both in the grid of (1): after writing
+its tile, each program bumps a per-video atomic counter and the last one of its video sorts.
 
 Drift is >= 0, so the bits of an fp32 drift order like the values; N is capped at ``MAX_N``
 because the top-k sort holds a whole row (next power of two of N) in one program.
@@ -35,17 +38,16 @@ else:
     _DRIFT_CONFIGS = [triton.Config({"BLOCK_T": bt}, num_warps=nw) for bt in (32, 64, 128) for nw in (2, 4)]
 
 
-@triton.autotune(configs=_DRIFT_CONFIGS, key=["N", "C", "PH", "PW"])
-@triton.jit(do_not_specialize=["F", "FP"])
-def _drift_kernel(
-    cand_ptr, prev_ptr, drift_ptr,
+@triton.jit
+def _tile_drift(
+    cand_ptr, prev_ptr, drift_ptr, b, tile,
     N, WT, C, F, FP,
     csb, csf, csc, csh, csw,
     psb, psf, psc, psh, psw,
     PH: tl.constexpr, PW: tl.constexpr, PP: tl.constexpr, BLOCK_T: tl.constexpr,
 ):  # fmt: skip
-    b = tl.program_id(0).to(tl.int64)
-    tok = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    """drift[b, tile*BLOCK_T : (tile+1)*BLOCK_T] from the latents, read once with their strides."""
+    tok = tile * BLOCK_T + tl.arange(0, BLOCK_T)
     tok_ok = tok < N
     h = tok // WT
     w = tok % WT
@@ -61,20 +63,35 @@ def _drift_kernel(
     sq = tl.zeros([BLOCK_T], dtype=tl.float32)
     for _c in range(C):
         sum_c = tl.zeros([BLOCK_T, PP], dtype=tl.float32)
-        fp = c_ptrs
+        ptrs = c_ptrs
         for _f in range(F):
-            sum_c += tl.load(fp, mask=mask, other=0.0).to(tl.float32)  # bf16/fp16 -> fp32 first
-            fp += csf
+            sum_c += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)  # bf16/fp16 -> fp32 first
+            ptrs += csf
         sum_p = tl.zeros([BLOCK_T, PP], dtype=tl.float32)
-        fp = p_ptrs
+        ptrs = p_ptrs
         for _f in range(FP):
-            sum_p += tl.load(fp, mask=mask, other=0.0).to(tl.float32)
-            fp += psf
+            sum_p += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+            ptrs += psf
         diff = sum_c * inv_f - sum_p * inv_fp
         sq += tl.sum(diff * diff, axis=1)
         c_ptrs += csc
         p_ptrs += psc
     tl.store(drift_ptr + b * N + tok, tl.sqrt_rn(sq), mask=tok_ok)
+
+
+@triton.autotune(configs=_DRIFT_CONFIGS, key=["N", "C", "PH", "PW"])
+@triton.jit(do_not_specialize=["F", "FP"])
+def _drift_kernel(
+    cand_ptr, prev_ptr, drift_ptr,
+    N, WT, C, F, FP,
+    csb, csf, csc, csh, csw,
+    psb, psf, psc, psh, psw,
+    PH: tl.constexpr, PW: tl.constexpr, PP: tl.constexpr, BLOCK_T: tl.constexpr,
+):  # fmt: skip
+    _tile_drift(
+        cand_ptr, prev_ptr, drift_ptr, tl.program_id(0).to(tl.int64), tl.program_id(1),
+        N, WT, C, F, FP, csb, csf, csc, csh, csw, psb, psf, psc, psh, psw, PH, PW, PP, BLOCK_T,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -107,24 +124,54 @@ def _sort_descending(x, LOG_N: tl.constexpr):
     return tl.reshape(h, [2**LOG_N])
 
 
-@triton.jit(do_not_specialize=["k"])
-def _topk_kernel(drift_ptr, idx_ptr, sev_ptr, N, k, BLOCK_N: tl.constexpr, LOG_N: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)
+@triton.jit
+def _row_topk(drift_ptr, idx_ptr, sev_ptr, b, N, k, BLOCK_N: tl.constexpr, LOG_N: tl.constexpr):
+    """Sort drift[b, :N] (largest first, ties to the lower index); write idx[b, :k] and sev[b]."""
     offs = tl.arange(0, BLOCK_N)
     ok = offs < N
-    d = tl.load(drift_ptr + b * N + offs, mask=ok, other=0.0)
+    d = tl.load(drift_ptr + b * N + offs, mask=ok, other=0.0, cache_modifier=".cg")
     # Sign bit cleared: drift >= 0 (a NaN from NaN input then sorts first instead of corrupting
     # the padding order). Low 32 bits hold BLOCK_N-1-index so equal drifts put lower indices first.
     bits = (d.to(tl.int32, bitcast=True) & 0x7FFFFFFF).to(tl.int64)
     key = (bits << 32) | (BLOCK_N - 1 - offs).to(tl.int64)
     key = tl.where(ok, key, -1)  # padding sorts after every real token
     key = _sort_descending(key, LOG_N)
-    top_idx = (BLOCK_N - 1) - (key & 0xFFFFFFFF)
+    top_idx = (BLOCK_N - 1) - (key & (BLOCK_N - 1))  # low bits hold values < BLOCK_N
     top_d = (key >> 32).to(tl.int32).to(tl.float32, bitcast=True)
     in_top = offs < k
     tl.store(idx_ptr + b * k + offs, top_idx, mask=in_top)
     sev = tl.sum(tl.where(in_top, top_d, 0.0), axis=0) / k.to(tl.float32)
     tl.store(sev_ptr + b, sev)
+
+
+@triton.jit(do_not_specialize=["k"])
+def _topk_kernel(drift_ptr, idx_ptr, sev_ptr, N, k, BLOCK_N: tl.constexpr, LOG_N: tl.constexpr):
+    _row_topk(drift_ptr, idx_ptr, sev_ptr, tl.program_id(0).to(tl.int64), N, k, BLOCK_N, LOG_N)
+
+
+@triton.autotune(configs=_DRIFT_CONFIGS, key=["N", "C", "PH", "PW"])
+@triton.jit(do_not_specialize=["F", "FP", "k"])
+def _drift_topk_kernel(
+    cand_ptr, prev_ptr, drift_ptr, idx_ptr, sev_ptr, count_ptr,
+    N, WT, C, F, FP, k,
+    csb, csf, csc, csh, csw,
+    psb, psf, psc, psh, psw,
+    PH: tl.constexpr, PW: tl.constexpr, PP: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_N: tl.constexpr, LOG_N: tl.constexpr,
+):  # fmt: skip
+    """Single launch: every program writes its drift tile; the last one of a video to finish
+    (counted with an atomic per video) sorts the row. The counter is reset for the next call."""
+    b = tl.program_id(0).to(tl.int64)
+    _tile_drift(
+        cand_ptr, prev_ptr, drift_ptr, b, tl.program_id(1),
+        N, WT, C, F, FP, csb, csf, csc, csh, csw, psb, psf, psc, psh, psw, PH, PW, PP, BLOCK_T,
+    )  # fmt: skip
+    tl.debug_barrier()  # all of this program's drift stores precede the release below
+    done = tl.atomic_add(count_ptr + b, 1, sem="acq_rel", scope="gpu")
+    if done == tl.num_programs(1) - 1:
+        tl.store(count_ptr + b, 0)
+        tl.debug_barrier()  # no thread reads the row before the acquire above
+        _row_topk(drift_ptr, idx_ptr, sev_ptr, b, N, k, BLOCK_N, LOG_N)
 
 
 def _check_out(out, B: int, N: int, k: int, device: torch.device):
@@ -144,8 +191,24 @@ def _check_out(out, B: int, N: int, k: int, device: torch.device):
     return tuple(out)
 
 
-def drift_topk(cand, prev, k: int, patch=(2, 2), *, out=None, check_finite_inputs: bool = False):
-    """Fused per-token drift, top-k and severity (two launches). Twin of the reference op.
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+_RETIRED: list[torch.Tensor] = []  # outgrown counters stay alive: captured CUDA graphs may use them
+
+
+def _counters(device: torch.device, B: int) -> torch.Tensor:
+    """Per-video completion counters of the single-launch kernel (zero between calls)."""
+    c = _COUNTERS.get(device)
+    if c is None or c.numel() < B:
+        if c is not None:
+            _RETIRED.append(c)
+        c = _COUNTERS[device] = torch.zeros(max(B, 64), dtype=torch.int32, device=device)
+    return c
+
+
+def drift_topk(
+    cand, prev, k: int, patch=(2, 2), *, out=None, check_finite_inputs: bool = False, single_launch=False
+):
+    """Fused per-token drift, top-k and severity. Twin of ``tokentrim.reference.drift_topk``.
 
     Args:
         cand: candidate latents [B,F,C,H,W], bf16/fp16/fp32, any strides (read in place).
@@ -157,6 +220,9 @@ def drift_topk(cand, prev, k: int, patch=(2, 2), *, out=None, check_finite_input
             contiguous, on the inputs' device; every element is overwritten.
         check_finite_inputs: raise ValueError on NaN/Inf latents (one host sync). Off by default
             because ``tokentrim.ops.drift_topk`` checks before calling.
+        single_launch: one launch instead of two: the last drift program of each video to finish
+            does its top-k (a per-video atomic counter, kept by this module, decides which).
+            Experimental: not safe for concurrent calls on different streams of one device.
 
     Returns:
         (drift [B,N] fp32, idx [B,k] int64 by decreasing drift, ties toward the lower index,
@@ -179,20 +245,17 @@ def drift_topk(cand, prev, k: int, patch=(2, 2), *, out=None, check_finite_input
         drift, idx, sev = _check_out(out, B, N, k, cand.device)
 
     grid = lambda meta: (B, triton.cdiv(N, meta["BLOCK_T"]))
-    _drift_kernel[grid](
-        cand, prev, drift, N, W // pw, C, F, FP,
-        *cand.stride(), *prev.stride(),
-        PH=ph, PW=pw, PP=triton.next_power_of_2(ph * pw),
-    )  # fmt: skip
+    shape_args = (N, W // pw, C, F, FP)
+    consts = dict(PH=ph, PW=pw, PP=triton.next_power_of_2(ph * pw))
     block_n = max(2, triton.next_power_of_2(N))  # the sort needs at least one pair
-    _topk_kernel[(B,)](
-        drift,
-        idx,
-        sev,
-        N,
-        k,
-        BLOCK_N=block_n,
-        LOG_N=block_n.bit_length() - 1,
-        num_warps=4 if block_n <= 2048 else 8,
-    )
+    sort_consts = dict(BLOCK_N=block_n, LOG_N=block_n.bit_length() - 1)
+    if single_launch:
+        count = _counters(cand.device, B)
+        _drift_topk_kernel[grid](
+            cand, prev, drift, idx, sev, count, *shape_args, k,
+            *cand.stride(), *prev.stride(), **consts, **sort_consts,
+        )  # fmt: skip
+        return drift, idx, sev
+    _drift_kernel[grid](cand, prev, drift, *shape_args, *cand.stride(), *prev.stride(), **consts)
+    _topk_kernel[(B,)](drift, idx, sev, N, k, **sort_consts, num_warps=4 if block_n <= 2048 else 8)
     return drift, idx, sev

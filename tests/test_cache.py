@@ -508,3 +508,24 @@ def test_steady_state_is_sync_free_and_graph_capturable():
     torch.cuda.synchronize()
     assert torch.equal(cache.kv[0, 0, :, :32], k1) and torch.equal(cache.kv[0, 0, :, 32:64], k2)
     assert torch.equal(cache.kv[0, 1, :, 32:64], k2) and cache.keep[:, :64].all()
+
+
+def test_sink_anchor_mirrors_host_sink_rope_start():
+    """The device-side anchor gives the same sink RoPE start as the host rule, through evictions."""
+    tpf = 2
+    cache = KVCache(1, 1, 1, 64, tpf, 9, sink_frames=3, raw_sink=True)
+    assert int(cache.sink_anchor) == -1
+    for block in range(6):
+        start = 3 * block
+        cache.prepare(3)
+        k = torch.randn(1, 3 * tpf, 1, 64)
+        cache.write(0, k, k, k_raw=k)
+        cache.commit(start, 3)
+        nxt = start + 3
+        if len(cache.frames) >= cache.sink_frames:
+            anchor = int(cache.sink_anchor)
+            device_rule = (anchor if anchor >= 0 else nxt) - cache.sink_frames
+            assert device_rule == cache.sink_rope_frame_start(nxt)
+    assert int(cache.sink_anchor) == cache.frames[3]
+    cache.reset()
+    assert int(cache.sink_anchor) == -1

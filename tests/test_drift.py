@@ -26,7 +26,7 @@ def make(shape, dtype, seed, device=DEVICE):
     return torch.randn(shape, generator=g).to(device=device, dtype=dtype)
 
 
-def run_kernel(cand, prev, k, patch):
+def run_kernel(cand, prev, k, patch, single_launch=False):
     """Run the launcher into NaN / -1 pre-filled outputs and check every element was written."""
     B, H, W = cand.shape[0], cand.shape[3], cand.shape[4]
     N = (H // patch[0]) * (W // patch[1])
@@ -35,11 +35,13 @@ def run_kernel(cand, prev, k, patch):
         torch.full((B, k), -1, dtype=torch.int64, device=cand.device),
         torch.full((B,), math.nan, device=cand.device),
     )
-    res = kdrift.drift_topk(cand, prev, k, patch, out=out)
+    res = kdrift.drift_topk(cand, prev, k, patch, out=out, single_launch=single_launch)
     assert all(r is o for r, o in zip(res, out)), "the launcher must return the out tensors"
     drift, idx, sev = res
     assert not drift.isnan().any() and not sev.isnan().any(), "unwritten (NaN) output element"
     assert (idx >= 0).all() and (idx < N).all(), "unwritten or out-of-range index"
+    if single_launch:  # the per-video completion counters are left at zero for the next call
+        assert not kdrift._counters(cand.device, B).any()
     return drift, idx, sev
 
 
@@ -71,15 +73,16 @@ SHAPES = [  # B, F, F', C, H, W, patch
 ]
 
 
+@pytest.mark.parametrize("single_launch", [False, True], ids=["2launch", "1launch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}F{}Fp{}C{}H{}W{}p{}{}".format(*s[:6], *s[6]))
-def test_kernel_matches_reference(shape, dtype):
+def test_kernel_matches_reference(shape, dtype, single_launch):
     B, F, Fp, C, H, W, patch = shape
     N = (H // patch[0]) * (W // patch[1])
     cand = make((B, F, C, H, W), dtype, seed=1)
     prev = make((B, Fp, C, H, W), dtype, seed=2)
     for k in (1, N // 3 + 1, N):
-        check_against_reference(cand, prev, k, patch, run_kernel(cand, prev, k, patch))
+        check_against_reference(cand, prev, k, patch, run_kernel(cand, prev, k, patch, single_launch))
 
 
 def test_ops_triton_backend_matches_reference():
@@ -105,23 +108,25 @@ def test_non_contiguous_inputs():
     check_against_reference(cand, prev_b, 5, (2, 2), run_kernel(cand, prev_b, 5, (2, 2)))
 
 
-def test_many_tokens():
+@pytest.mark.parametrize("single_launch", [False, True], ids=["2launch", "1launch"])
+def test_many_tokens(single_launch):
     # N = 4400 > 4096: several drift tiles and a 8192-wide top-k sort.
     cand, prev = make((1, 1, 1, 4, 1100), torch.float32, 10), make((1, 1, 1, 4, 1100), torch.float32, 11)
-    check_against_reference(cand, prev, 500, (1, 1), run_kernel(cand, prev, 500, (1, 1)))
+    check_against_reference(cand, prev, 500, (1, 1), run_kernel(cand, prev, 500, (1, 1), single_launch))
 
 
-def test_ties_go_to_lower_index():
+@pytest.mark.parametrize("single_launch", [False, True], ids=["2launch", "1launch"])
+def test_ties_go_to_lower_index(single_launch):
     # Latents in {0, 1} with C*ph*pw = 4: five possible drifts, so 30 tokens share few values.
     g = torch.Generator().manual_seed(12)
     cand = torch.randint(0, 2, (2, 1, 1, 6, 10), generator=g).float().to(DEVICE)
     prev = torch.zeros(2, 2, 1, 6, 10, device=DEVICE)
-    drift, idx, _ = run_kernel(cand, prev, 7, (2, 2))
+    drift, idx, _ = run_kernel(cand, prev, 7, (2, 2), single_launch)
     assert drift.unique().numel() <= 5  # the input really has ties
     check_against_reference(cand, prev, 7, (2, 2), (drift, idx, _))
     # All tokens equal: the top-k is exactly the k lowest indices, in order.
     same = torch.ones(1, 1, 2, 4, 4, device=DEVICE)
-    drift, idx, sev = run_kernel(same, torch.zeros_like(same), 3, (2, 2))
+    drift, idx, sev = run_kernel(same, torch.zeros_like(same), 3, (2, 2), single_launch)
     assert idx.tolist() == [[0, 1, 2]]
     torch.testing.assert_close(sev, torch.full((1,), math.sqrt(8.0), device=DEVICE))  # ||ones(C*ph*pw=8)||
 
@@ -135,7 +140,8 @@ def test_bf16_on_gpu(shape):
     cand = make((B, F, C, H, W), torch.bfloat16, 13, device="cuda")
     prev = make((B, Fp, C, H, W), torch.bfloat16, 14, device="cuda")
     for k in (1, max(1, round(0.1 * N)), N):
-        check_against_reference(cand, prev, k, patch, run_kernel(cand, prev, k, patch))
+        for single in (False, True):
+            check_against_reference(cand, prev, k, patch, run_kernel(cand, prev, k, patch, single))
 
 
 # ------------------------------------------------------------------------------------ bad input
@@ -208,14 +214,14 @@ def test_too_many_tokens_and_bad_out():
 @given(
     B=st.integers(1, 3), F=st.integers(1, 3), Fp=st.integers(1, 3), C=st.integers(1, 6),
     ph=st.integers(1, 2), pw=st.integers(1, 2), Ht=st.integers(1, 5), Wt=st.integers(1, 7),
-    kfrac=st.floats(0.0, 1.0), half=st.booleans(), seed=st.integers(0, 2**16),
+    kfrac=st.floats(0.0, 1.0), half=st.booleans(), single=st.booleans(), seed=st.integers(0, 2**16),
 )  # fmt: skip
-def test_property_random_shapes(B, F, Fp, C, ph, pw, Ht, Wt, kfrac, half, seed):
+def test_property_random_shapes(B, F, Fp, C, ph, pw, Ht, Wt, kfrac, half, single, seed):
     H, W, N = Ht * ph, Wt * pw, Ht * Wt
     k = 1 + int(kfrac * (N - 1))
     dtype = torch.float16 if half else torch.float32
     cand, prev = make((B, F, C, H, W), dtype, seed), make((B, Fp, C, H, W), dtype, seed + 1)
-    check_against_reference(cand, prev, k, (ph, pw), run_kernel(cand, prev, k, (ph, pw)))
+    check_against_reference(cand, prev, k, (ph, pw), run_kernel(cand, prev, k, (ph, pw), single))
 
 
 # ------------------------------------------------------------------------------------ dispatch

@@ -7,7 +7,7 @@ Public API (imported lazily so ``import tokentrim`` stays cheap):
 - ``TokenTrimConfig``, ``TokenTrimController`` (the drift detector / pruning controller)
 - ``KVCache`` (static KV cache for all layers)
 - ``WanConfig``, ``WanModel``, ``load_wan`` (the causal Wan2.1 DiT and checkpoint loading)
-- ``SelfForcingRollout``, ``RollingForcingRollout`` and their configs
+- ``SelfForcingRollout``, ``RollingForcingRollout``, their configs, ``RolloutResult``, ``BlockOutput``
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ _EXPORTS = {
     "SelfForcingRollout": "tokentrim.rollout",
     "RollingForcingConfig": "tokentrim.rollout",
     "RollingForcingRollout": "tokentrim.rollout",
+    "RolloutResult": "tokentrim.rollout",
+    "BlockOutput": "tokentrim.rollout",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -122,6 +122,9 @@ class KVCache:
             else None
         )
         self.frames: list[int] = []
+        #: 0-dim int64 device mirror of the oldest committed non-sink frame (-1 = none), so the
+        #: model can place the raw sink inside a captured CUDA graph (see sink_rope_frame_start)
+        self.sink_anchor = torch.full((), -1, dtype=torch.int64, device=self.device)
         self._ar = torch.arange(C, device=self.device)  # int64 token offsets
         self._bidx = torch.arange(B, device=self.device)[:, None]
         self._pos_in_frame = (self._ar % self.tokens_per_frame).to(torch.int32)
@@ -190,6 +193,7 @@ class KVCache:
         self.token_frame.fill_(-1)
         self.token_pos.fill_(-1)
         self.frames.clear()
+        self._sync_anchor()
 
     def prepare(self, num_new_frames: int) -> list[int]:
         """Make room for ``num_new_frames`` frames after the committed ones.
@@ -217,7 +221,13 @@ class KVCache:
         survive = (self._ar[None, :] < self.length[:, None]) & ~gone
         self._compact_by(survive, keep_after=self.keep)
         del self.frames[self.sink_frames : self.sink_frames + n_evict]
+        self._sync_anchor()
         return evicted
+
+    def _sync_anchor(self) -> None:
+        """Host -> device update of ``sink_anchor`` (an async fill, not a sync)."""
+        anchor = self.frames[self.sink_frames] if len(self.frames) > self.sink_frames else -1
+        self.sink_anchor.fill_(anchor)
 
     # ---------------------------------------------------------------------------------- blocks
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, k_raw: torch.Tensor | None = None) -> None:
@@ -286,6 +296,7 @@ class KVCache:
         self.keep.index_put_((self._bidx, idx), torch.ones((), dtype=torch.bool, device=self.device))
         self.length += T
         self.frames.extend(range(frame_start, frame_start + n))
+        self._sync_anchor()
 
     # --------------------------------------------------------------------------------- pruning
     def prune(self, video: int, token_positions: torch.Tensor, frames: list[int] | None = None) -> None:

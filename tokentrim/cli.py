@@ -149,7 +149,12 @@ def _resolve(args, parser):
 
 
 def _make_rollout(args, parser, model, trim):
-    from tokentrim.rollout import RollingForcingConfig, RollingForcingRollout, SelfForcingConfig, SelfForcingRollout
+    from tokentrim.rollout import (
+        RollingForcingConfig,
+        RollingForcingRollout,
+        SelfForcingConfig,
+        SelfForcingRollout,
+    )
 
     try:
         if args.pipeline == "self-forcing":

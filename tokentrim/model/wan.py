@@ -388,15 +388,15 @@ class WanModel(nn.Module):
 def _sink_rope_start(cache, frame_start):
     """``cache.sink_rope_frame_start`` for an int or a 0-dim device tensor frame_start.
 
-    The committed sink sits right before the oldest committed non-sink frame (host-known), or
-    right before the block when none is committed: then the start is frame_start - sink_frames,
-    kept on the device for a tensor frame_start. Host sync: none.
+    Called only once the sink is complete. The sink sits right before the oldest committed
+    non-sink frame, or right before the block when none is committed. For a tensor frame_start
+    the answer stays on the device (``cache.sink_anchor``), so a captured graph replays correctly
+    for every window position. Host sync: none.
     """
     if not isinstance(frame_start, torch.Tensor):
         return cache.sink_rope_frame_start(frame_start)
-    if len(cache.frames) > cache.sink_frames:  # the answer does not depend on the block start
-        return cache.sink_rope_frame_start(cache.frames[-1] + 1)
-    return frame_start - cache.sink_frames
+    anchor = cache.sink_anchor
+    return torch.where(anchor >= 0, anchor, frame_start) - cache.sink_frames
 
 
 def block_causal_frame_mask(F: int, block_frames: int, sink_frames: int = 0, window_frames=None) -> torch.Tensor:

@@ -50,11 +50,9 @@ class GraphRunner:
         cache = self.cache
         key = (tuple(x.shape), kv_only)
         if getattr(cache, "raw_sink", False):
-            # The model rotates the raw sink at a host-int frame (cache.sink_rope_frame_start), so
-            # that absolute frame is baked into a capture: Rolling Forcing windows at different
-            # positions need their own graphs until the model takes it as a device tensor.
-            writing_sink = len(cache.frames) < cache.sink_frames
-            key += (writing_sink, None if writing_sink else cache.sink_rope_frame_start(frame_start))
+            # While the sink is being written the model stores raw keys; afterwards it re-rotates
+            # them at a device-side frame (cache.sink_anchor), so one capture serves every window.
+            key += (len(cache.frames) < cache.sink_frames,)
         return key
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, frame_start: int, kv_only: bool = False):
