@@ -116,9 +116,8 @@ def _flex_fns(q, k, v, keep, kv_len, compiled: bool):
 def _bench_case(
     args, device, B, H, D, Lq, Lk, frac, dtype, *, kernel: bool, flex_compiled: bool, layers: int
 ):
-    from tokentrim.kernels import kv_compact, masked_attention
-
     from tokentrim import reference
+    from tokentrim.kernels import kv_compact, masked_attention
 
     cpu = device.type == "cpu"
     repeats = min(args.repeats, CPU_MAX_REPEATS) if cpu else args.repeats

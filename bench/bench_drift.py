@@ -14,10 +14,10 @@ information only.
 from __future__ import annotations
 
 import torch
-from tokentrim.kernels import drift as kdrift
 
 from bench import common
 from tokentrim import ops
+from tokentrim.kernels import drift as kdrift
 
 SECTION = "drift"
 

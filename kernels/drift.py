@@ -128,13 +128,13 @@ def _sort_descending(x, LOG_N: tl.constexpr):
 def _row_topk(drift_ptr, idx_ptr, sev_ptr, b, N, k, BLOCK_N: tl.constexpr, LOG_N: tl.constexpr):
     """Sort drift[b, :N] (largest first, ties to the lower index); write idx[b, :k] and sev[b]."""
     offs = tl.arange(0, BLOCK_N)
-    ok = offs < N
-    d = tl.load(drift_ptr + b * N + offs, mask=ok, other=0.0, cache_modifier=".cg")
+    # Padding reads drift 0 at an index >= N, so it sorts after every real token (drift >= 0,
+    # ties toward the lower index).
+    d = tl.load(drift_ptr + b * N + offs, mask=offs < N, other=0.0, cache_modifier=".cg")
     # Sign bit cleared: drift >= 0 (a NaN from NaN input then sorts first instead of corrupting
     # the padding order). Low 32 bits hold BLOCK_N-1-index so equal drifts put lower indices first.
     bits = (d.to(tl.int32, bitcast=True) & 0x7FFFFFFF).to(tl.int64)
     key = (bits << 32) | (BLOCK_N - 1 - offs).to(tl.int64)
-    key = tl.where(ok, key, -1)  # padding sorts after every real token
     key = _sort_descending(key, LOG_N)
     top_idx = (BLOCK_N - 1) - (key & (BLOCK_N - 1))  # low bits hold values < BLOCK_N
     top_d = (key >> 32).to(tl.int32).to(tl.float32, bitcast=True)

@@ -12,9 +12,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tokentrim.kernels import drift as kdrift
 
 from tokentrim import ops, reference
+from tokentrim.kernels import drift as kdrift
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -58,9 +58,14 @@ def check_against_reference(cand, prev, k, patch, got):
     # The kernel's own drift ranks exactly like the spec (decreasing, ties to the lower index).
     assert torch.equal(idx.cpu(), oracle_topk(drift.cpu(), k))
     for b in range(cand.shape[0]):
-        assert set(idx[b].tolist()) == set(r_idx[b].tolist()), f"top-k set differs for video {b}"
-        if r_drift[b].unique().numel() == r_drift.shape[1]:  # no ties: the order is defined too
-            assert torch.equal(idx[b].cpu(), r_idx[b].cpu())
+        # Same ranking as the reference: the reference's drift read in the kernel's order equals its
+        # own sorted values, and a token in one top-k but not the other can only be a near-tie
+        # (within rounding) of the k-th value. Exact ties are covered by test_ties_go_to_lower_index.
+        got_vals, want_vals = r_drift[b, idx[b]], r_drift[b, r_idx[b]]
+        torch.testing.assert_close(got_vals, want_vals, **TOL)
+        kth = float(want_vals[-1])
+        for i in set(idx[b].tolist()) ^ set(r_idx[b].tolist()):
+            assert abs(float(r_drift[b, i]) - kth) <= 1e-5 * (1 + abs(kth)), f"token {i} of video {b}"
     torch.testing.assert_close(sev, r_sev, **TOL)
     torch.testing.assert_close(sev, drift.gather(1, idx).mean(1), **TOL)
 

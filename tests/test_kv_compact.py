@@ -10,10 +10,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tokentrim.kernels import kv_compact as kcompact
-from tokentrim.kernels import masked_attention as kattn
 
 from tokentrim import ops, reference
+from tokentrim.kernels import kv_compact as kcompact
+from tokentrim.kernels import masked_attention as kattn
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"

@@ -11,10 +11,10 @@ import math
 
 import pytest
 import torch
-from tokentrim.kernels import masked_attention as kattn
-from tokentrim.kernels.validate import check_kv_len_range
 
 from tokentrim import ops, reference
+from tokentrim.kernels import masked_attention as kattn
+from tokentrim.kernels.validate import check_kv_len_range
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
