@@ -21,17 +21,9 @@ from __future__ import annotations
 import torch
 
 from tokentrim import ops
-from tokentrim.kernels.validate import FLOAT_DTYPES, check_tensor
+from tokentrim.kernels.validate import FLOAT_DTYPES, check_int, check_tensor
 
 __all__ = ["KVCache"]
-
-
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
 
 
 def _format_bytes(n: int) -> str:
@@ -85,13 +77,13 @@ class KVCache:
         device="cpu",
         backend: str = "auto",
     ):
-        self.num_layers = _check_int("num_layers", num_layers, 1)
-        self.batch = _check_int("batch", batch, 1)
-        self.num_heads = _check_int("num_heads", num_heads, 1)
-        self.head_dim = _check_int("head_dim", head_dim, 1)
-        self.tokens_per_frame = _check_int("tokens_per_frame", tokens_per_frame, 1)
-        self.max_frames = _check_int("max_frames", max_frames, 1)
-        self.sink_frames = _check_int("sink_frames", sink_frames, 0)
+        self.num_layers = check_int("num_layers", num_layers, 1)
+        self.batch = check_int("batch", batch, 1)
+        self.num_heads = check_int("num_heads", num_heads, 1)
+        self.head_dim = check_int("head_dim", head_dim, 1)
+        self.tokens_per_frame = check_int("tokens_per_frame", tokens_per_frame, 1)
+        self.max_frames = check_int("max_frames", max_frames, 1)
+        self.sink_frames = check_int("sink_frames", sink_frames, 0)
         if self.sink_frames >= self.max_frames:
             raise ValueError(f"sink_frames must be < max_frames={max_frames}, got {sink_frames}")
         if not isinstance(raw_sink, bool):
@@ -205,7 +197,7 @@ class KVCache:
         Host sync: none with the Triton compaction (CUDA); the reference compaction (CPU) syncs.
         No work at all when nothing is evicted.
         """
-        n = _check_int("num_new_frames", num_new_frames, 1)
+        n = check_int("num_new_frames", num_new_frames, 1)
         if self.sink_frames + n > self.max_frames:
             raise ValueError(
                 f"num_new_frames={n} plus sink_frames={self.sink_frames} exceeds max_frames={self.max_frames}"
@@ -276,8 +268,8 @@ class KVCache:
 
         Host sync: none.
         """
-        frame_start = _check_int("frame_start", frame_start, 0)
-        n = _check_int("num_frames", num_frames, 1)
+        frame_start = check_int("frame_start", frame_start, 0)
+        n = check_int("num_frames", num_frames, 1)
         if self.frames and frame_start <= self.frames[-1]:
             raise ValueError(
                 f"frame_start must be greater than the last committed frame {self.frames[-1]}, got {frame_start}"
@@ -392,7 +384,7 @@ class KVCache:
 
         Host sync: none (host arithmetic on ``frames``).
         """
-        block_frame_start = _check_int("block_frame_start", block_frame_start, 0)
+        block_frame_start = check_int("block_frame_start", block_frame_start, 0)
         n_sink = min(len(self.frames), self.sink_frames)
         oldest = self.frames[n_sink] if len(self.frames) > n_sink else block_frame_start
         return oldest - n_sink

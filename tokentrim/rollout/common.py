@@ -16,7 +16,9 @@ import torch
 
 from tokentrim import ops
 from tokentrim.config import TokenTrimConfig
+from tokentrim.kernels.validate import check_int
 from tokentrim.profiling import nvtx_range
+from tokentrim.rollout.schedule import FlowSchedule
 
 
 @dataclass
@@ -66,14 +68,6 @@ def block_noise(seed: int, block: int, count: int, shape, device, attempt: int =
     """[count, *shape] float32 standard normal noise of one block, drawn on the CPU, on ``device``."""
     gen = torch.Generator(device="cpu").manual_seed(block_seed(seed, block, attempt))
     return torch.randn((count, *shape), generator=gen, dtype=torch.float32).to(device)
-
-
-def check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
 
 
 def check_steps(name: str, steps) -> tuple[int, ...]:
@@ -250,3 +244,64 @@ class BlockRecorder:
             "pixel_fps": pixel_frames(latent_frames) / total if total > 0 else float("nan"),
             "forwards": self.forwards,
         }
+
+
+class RolloutBase:
+    """What both rollouts share: argument checks, the schedule, ``run`` over ``iter_blocks``.
+
+    Subclasses set ``config_class`` and ``name`` and implement ``iter_blocks``; ``run`` collects
+    its blocks (and ``self.windows`` when the subclass records window forwards).
+    """
+
+    config_class: type = object
+    name = "rollout"
+
+    def __init__(self, model, config=None, trim: TokenTrimConfig | None = None, use_graphs: bool = False):
+        if config is None:
+            config = self.config_class()
+        if not isinstance(config, self.config_class):
+            raise TypeError(f"config must be a {self.config_class.__name__}, got {type(config).__name__}")
+        if trim is not None and not isinstance(trim, TokenTrimConfig):
+            raise TypeError(f"trim must be a TokenTrimConfig or None, got {type(trim).__name__}")
+        self.model = model
+        self.config = config
+        self.trim = trim
+        self.use_graphs = bool(use_graphs or config.use_graphs)
+        self.facts = ModelFacts(model)
+        self.schedule = FlowSchedule(config.shift)
+        self.timesteps = self.schedule.warp(config.denoising_steps)  # [S] float32, t_0 = 1000
+        if trim is not None and trim.enabled:
+            trim.resolve_detect_step(len(self.timesteps))  # validates detect_step
+        self.cache = None
+        self.runner = None
+        self.hook = None
+        self.recorder = None
+        self.windows: list[dict] = []
+
+    @property
+    def controller(self):
+        """The ``TokenTrimController`` of the last run (None when TokenTrim is off)."""
+        return None if self.hook is None else self.hook.controller
+
+    def run(self, text, num_blocks: int, height: int, width: int, seed: int = 0, progress: bool = False) -> RolloutResult:
+        """Generate ``num_blocks`` blocks; returns latents [B, num_blocks*block_frames, C, H, W] f32 (CPU).
+
+        Args:
+            text: [B, Lt, text_dim] text embeddings or a ``TextContext`` from ``model.prepare_text``.
+            num_blocks: AR blocks (>= 1).
+            height, width: latent size (multiples of the model's spatial patch).
+            seed: noise seed.
+            progress: show a tqdm bar per block.
+        """
+        it = self.iter_blocks(text, num_blocks, height, width, seed=seed)
+        if progress:
+            from tqdm import tqdm
+
+            it = tqdm(it, total=num_blocks, desc=self.name, unit="block")
+        blocks = [out.latents.float().cpu() for out in it]
+        latents = torch.cat(blocks, dim=1)
+        return RolloutResult(latents, list(self.recorder.records), self.recorder.timings(latents.shape[1]),
+                             windows=list(self.windows))
+
+    def iter_blocks(self, text, num_blocks: int, height: int, width: int, seed: int = 0):
+        raise NotImplementedError

@@ -42,13 +42,11 @@ from dataclasses import dataclass
 
 import torch
 
-from tokentrim.config import TokenTrimConfig
 from tokentrim.profiling import nvtx_range
 from tokentrim.rollout.common import (
     BlockOutput,
     BlockRecorder,
-    ModelFacts,
-    RolloutResult,
+    RolloutBase,
     TrimHook,
     block_noise,
     check_int,
@@ -56,7 +54,6 @@ from tokentrim.rollout.common import (
     prepare_text,
 )
 from tokentrim.rollout.graphs import GraphRunner
-from tokentrim.rollout.schedule import FlowSchedule
 
 
 @dataclass
@@ -115,7 +112,7 @@ class RollingForcingConfig:
         return self.sink_frames + self.local_frames + self.window_frames
 
 
-class RollingForcingRollout:
+class RollingForcingRollout(RolloutBase):
     """Rolling Forcing rollout of a ``WanModel`` with optional TokenTrim.
 
     Args:
@@ -123,50 +120,13 @@ class RollingForcingRollout:
         config: ``RollingForcingConfig`` (defaults if None).
         trim: ``TokenTrimConfig`` or None (None or ``enabled=False`` = the plain rollout).
         use_graphs: CUDA graphs for the cached forward (or ``config.use_graphs``); eager on CPU.
+
+    ``run(...)`` returns a ``RolloutResult`` whose ``windows`` lists every window forward with its
+    per-frame timesteps.
     """
 
-    def __init__(self, model, config: RollingForcingConfig | None = None, trim: TokenTrimConfig | None = None,
-                 use_graphs: bool = False):
-        if config is None:
-            config = RollingForcingConfig()
-        if not isinstance(config, RollingForcingConfig):
-            raise TypeError(f"config must be a RollingForcingConfig, got {type(config).__name__}")
-        if trim is not None and not isinstance(trim, TokenTrimConfig):
-            raise TypeError(f"trim must be a TokenTrimConfig or None, got {type(trim).__name__}")
-        self.model = model
-        self.config = config
-        self.trim = trim
-        self.use_graphs = bool(use_graphs or config.use_graphs)
-        self.facts = ModelFacts(model)
-        self.schedule = FlowSchedule(config.shift)
-        self.timesteps = self.schedule.warp(config.denoising_steps)  # [S] float32, t_0 = 1000
-        self.cache = None
-        self.runner = None
-        self.hook = None
-        self.windows: list[dict] = []
-
-    @property
-    def controller(self):
-        """The ``TokenTrimController`` of the last run (None when TokenTrim is off)."""
-        return None if self.hook is None else self.hook.controller
-
-    def run(self, text, num_blocks: int, height: int, width: int, seed: int = 0, progress: bool = False) -> RolloutResult:
-        """Generate ``num_blocks`` blocks; returns latents [B, num_blocks*block_frames, C, H, W] f32 (CPU).
-
-        Args: as ``SelfForcingRollout.run`` (text [B, Lt, text_dim] or a TextContext).
-        ``RolloutResult.windows`` lists every window forward with its per-frame timesteps.
-        """
-        blocks = []
-        it = self.iter_blocks(text, num_blocks, height, width, seed=seed)
-        if progress:
-            from tqdm import tqdm
-
-            it = tqdm(it, total=num_blocks, desc="rolling-forcing", unit="block")
-        for out in it:
-            blocks.append(out.latents.float().cpu())
-        latents = torch.cat(blocks, dim=1)
-        return RolloutResult(latents, list(self.recorder.records), self.recorder.timings(latents.shape[1]),
-                             windows=list(self.windows))
+    config_class = RollingForcingConfig
+    name = "rolling-forcing"
 
     def iter_blocks(self, text, num_blocks: int, height: int, width: int, seed: int = 0) -> Iterator[BlockOutput]:
         """Yield each block when it finishes (window ``b + S - 1``): ``BlockOutput(index, latents

@@ -27,13 +27,11 @@ from dataclasses import dataclass
 
 import torch
 
-from tokentrim.config import TokenTrimConfig
 from tokentrim.profiling import nvtx_range
 from tokentrim.rollout.common import (
     BlockOutput,
     BlockRecorder,
-    ModelFacts,
-    RolloutResult,
+    RolloutBase,
     TrimHook,
     block_noise,
     check_int,
@@ -41,7 +39,6 @@ from tokentrim.rollout.common import (
     prepare_text,
 )
 from tokentrim.rollout.graphs import GraphRunner
-from tokentrim.rollout.schedule import FlowSchedule
 
 
 @dataclass
@@ -86,7 +83,7 @@ class SelfForcingConfig:
                 raise TypeError(f"SelfForcingConfig.{name} must be a bool, got {getattr(self, name)!r}")
 
 
-class SelfForcingRollout:
+class SelfForcingRollout(RolloutBase):
     """Self Forcing block-causal rollout of a ``WanModel`` with optional TokenTrim.
 
     Args:
@@ -96,48 +93,8 @@ class SelfForcingRollout:
         use_graphs: CUDA graphs for the cached forward (or ``config.use_graphs``); eager on CPU.
     """
 
-    def __init__(self, model, config: SelfForcingConfig | None = None, trim: TokenTrimConfig | None = None,
-                 use_graphs: bool = False):
-        if config is None:
-            config = SelfForcingConfig()
-        if not isinstance(config, SelfForcingConfig):
-            raise TypeError(f"config must be a SelfForcingConfig, got {type(config).__name__}")
-        if trim is not None and not isinstance(trim, TokenTrimConfig):
-            raise TypeError(f"trim must be a TokenTrimConfig or None, got {type(trim).__name__}")
-        self.model = model
-        self.config = config
-        self.trim = trim
-        self.use_graphs = bool(use_graphs or config.use_graphs)
-        self.facts = ModelFacts(model)
-        self.schedule = FlowSchedule(config.shift)
-        self.timesteps = self.schedule.warp(config.denoising_steps)  # [S] float32
-        if trim is not None and trim.enabled:
-            trim.resolve_detect_step(len(self.timesteps))  # validates detect_step
-        self.cache = None
-        self.runner = None
-        self.hook = None
-
-    # ------------------------------------------------------------------------------------ public
-    def run(self, text, num_blocks: int, height: int, width: int, seed: int = 0, progress: bool = False) -> RolloutResult:
-        """Generate ``num_blocks`` blocks; returns latents [B, num_blocks*block_frames, C, H, W] f32 (CPU).
-
-        Args:
-            text: [B, Lt, text_dim] text embeddings or a ``TextContext`` from ``model.prepare_text``.
-            num_blocks: AR blocks (>= 1).
-            height, width: latent size (multiples of the model's spatial patch).
-            seed: noise seed.
-            progress: show a tqdm bar per block.
-        """
-        blocks = []
-        it = self.iter_blocks(text, num_blocks, height, width, seed=seed)
-        if progress:
-            from tqdm import tqdm
-
-            it = tqdm(it, total=num_blocks, desc="self-forcing", unit="block")
-        for out in it:
-            blocks.append(out.latents.float().cpu())
-        latents = torch.cat(blocks, dim=1)
-        return RolloutResult(latents, list(self.recorder.records), self.recorder.timings(latents.shape[1]))
+    config_class = SelfForcingConfig
+    name = "self-forcing"
 
     def iter_blocks(self, text, num_blocks: int, height: int, width: int, seed: int = 0) -> Iterator[BlockOutput]:
         """Yield each block as soon as it is accepted: ``BlockOutput(index, latents [B, block_frames, C,
@@ -166,11 +123,6 @@ class SelfForcingRollout:
                 rec = self.recorder.finish_block(b, b * cfg.block_frames, cfg.block_frames, forwards, trim_record, passes)
                 prev = x0
                 yield BlockOutput(b, x0, rec)
-
-    @property
-    def controller(self):
-        """The ``TokenTrimController`` of the last run (None when TokenTrim is off)."""
-        return None if self.hook is None else self.hook.controller
 
     # ---------------------------------------------------------------------------------- pieces
     def _make_cache(self, batch: int, tpf: int):
