@@ -152,7 +152,7 @@ def _check_last_dim(name: str, x: torch.Tensor) -> None:
         raise ValueError(f"{name} must have a contiguous last dimension (stride 1), got strides {x.stride()}")
 
 
-def masked_attention(q, k, v, keep=None, kv_len=None, scale=None, out=None, check_range: bool = False):
+def masked_attention(q, k, v, keep=None, kv_len=None, scale=None, out=None, check_range: bool = False, tiles=None):
     """Flash attention of q over the attended keys of k/v (see the module docstring).
 
     Args:
@@ -163,6 +163,8 @@ def masked_attention(q, k, v, keep=None, kv_len=None, scale=None, out=None, chec
         scale: softmax scale (default D**-0.5).
         out: optional [B,Lq,H,D] output tensor of q's dtype (last dim contiguous), written fully.
         check_range: also check 0 <= kv_len <= Lk_max (one host sync).
+        tiles: optional ``kept_tiles(keep, kv_len, tile_size())`` computed by the caller once and
+            reused by every layer that attends under the same keep/kv_len (saves a sort per call).
 
     Returns:
         o [B,Lq,H,D] in q's dtype (``out`` when given). Host sync: none (unless check_range).
@@ -193,7 +195,16 @@ def masked_attention(q, k, v, keep=None, kv_len=None, scale=None, out=None, chec
     scale = D**-0.5 if scale is None else float(scale)
     block_n = tile_size()
     if keep is not None:
-        tiles, count = kept_tiles(keep, kv_len, block_n)
+        if tiles is None:
+            tiles, count = kept_tiles(keep, kv_len, block_n)
+        else:
+            tiles, count = tiles
+            n_tiles = triton.cdiv(Lk, block_n)
+            if tuple(tiles.shape) != (B, n_tiles) or tuple(count.shape) != (B,):
+                raise ValueError(
+                    f"tiles must be kept_tiles(keep, kv_len, {block_n}): ([B={B}, {n_tiles}], [B={B}]), "
+                    f"got ({tuple(tiles.shape)}, {tuple(count.shape)})"
+                )
         keep_arg = (keep if keep.stride(1) == 1 else keep.contiguous()).view(torch.uint8)
         skeep_b, stiles_b = keep_arg.stride(0), tiles.stride(0)
     else:

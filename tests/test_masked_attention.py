@@ -255,3 +255,21 @@ def test_autotuned_large_gpu():
         got = run_kernel(q, k, v, keep=keep, kv_len=kv_len)
         want = reference.masked_attention(q, k, v, keep=keep, kv_len=kv_len)
         torch.testing.assert_close(got, want, **TOL[torch.float16])
+
+
+def test_precomputed_tiles_shared_across_layers():
+    """One ops.attention_tiles plan serves several layers' calls and changes nothing."""
+    B, Lq, H, D, L = 2, 7, 3, 64, 53
+    keep = random_keep(B, L, 0.4, seed=11)
+    keep[0, 16:32] = False  # a whole pruned tile
+    kv_len = torch.tensor([45, 29], dtype=torch.int32, device=DEVICE)
+    plan = ops.attention_tiles(keep, kv_len, backend="triton")
+    assert ops.attention_tiles(keep, kv_len, backend="reference") is None
+    for layer in range(2):
+        _, k, v = cache_views(B, L, H, D, torch.float32, seed=3, layer=layer)
+        q = make_q(B, Lq, H, D, torch.float32, seed=layer + 5)
+        want = reference.masked_attention(q, k, v, keep=keep, kv_len=kv_len)
+        got = ops.masked_attention(q, k, v, keep=keep, kv_len=kv_len, backend="triton", tiles=plan)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="tiles"):
+        kattn.masked_attention(q, k, v, keep=keep, kv_len=kv_len, tiles=(plan[0][:, :2], plan[1]))

@@ -86,7 +86,20 @@ def drift_topk(cand, prev, k: int, patch=(2, 2), backend: str = "auto", check_fi
     return reference.drift_topk(cand, prev, k, patch)
 
 
-def masked_attention(q, k, v, keep=None, kv_len=None, scale=None, backend: str = "auto"):
+def attention_tiles(keep, kv_len=None, backend: str = "auto"):
+    """Precompute which key tiles ``masked_attention`` must visit, for reuse across layers.
+
+    keep [B,Lk] bool, kv_len [B] int32 or None. Returns an opaque plan to pass as ``tiles=`` to
+    every ``masked_attention`` call under the same keep/kv_len (e.g. all layers of one forward),
+    or None where the backend has no use for it (reference). Host sync: none.
+    """
+    if keep is None or resolve_backend(backend, keep.device) != "triton":
+        return None
+    kernel = _kernel("masked_attention")
+    return kernel.kept_tiles(keep, kv_len, kernel.tile_size())
+
+
+def masked_attention(q, k, v, keep=None, kv_len=None, scale=None, backend: str = "auto", tiles=None):
     """Attention of q over the kept keys of a (cache-layout) K/V buffer.
 
     Args:
@@ -95,12 +108,15 @@ def masked_attention(q, k, v, keep=None, kv_len=None, scale=None, backend: str =
         keep: optional [B,Lk_max] bool, True = attend.
         kv_len: optional [B] int32 device tensor; keys at or past kv_len[b] are ignored.
         scale: softmax scale, default D**-0.5.
+        tiles: optional plan from ``attention_tiles(keep, kv_len)`` (Triton only; ignored otherwise).
 
     Returns:
         o [B,Lq,H,D] in q's dtype; a query row with no kept key is all zeros.
     """
     if resolve_backend(backend, q.device) == "triton":
-        return _kernel("masked_attention").masked_attention(q, k, v, keep=keep, kv_len=kv_len, scale=scale)
+        return _kernel("masked_attention").masked_attention(
+            q, k, v, keep=keep, kv_len=kv_len, scale=scale, tiles=tiles
+        )
     return reference.masked_attention(q, k, v, keep=keep, kv_len=kv_len, scale=scale)
 
 

@@ -373,7 +373,10 @@ class WanModel(nn.Module):
             ck = cache.k(i)
             if sink_rope is not None:
                 ck[:, : cache.sink_tokens].copy_(apply_rope(cache.sink_raw[i], *sink_rope))
-            o = ops.masked_attention(q.to(cdt), ck, cache.v(i), keep=cache.keep, kv_len=kv_len, backend=self.attention_backend)
+            if i == 0:  # keep now covers the block; every layer attends under the same mask
+                tiles = ops.attention_tiles(cache.keep, kv_len, backend=self.attention_backend)
+            o = ops.masked_attention(q.to(cdt), ck, cache.v(i), keep=cache.keep, kv_len=kv_len,
+                                     backend=self.attention_backend, tiles=tiles)
             h = block.finish(h, mod, o, ctx.k[i], ctx.v[i])
         return self._unpatchify(self.head(h, e), H, W)
 
