@@ -25,6 +25,7 @@ if str(BENCH_DIR.parent) not in sys.path:  # `python bench/run.py` from the repo
 import torch  # noqa: E402
 
 from bench import common  # noqa: E402
+from bench.plot import plot_rows  # noqa: E402
 
 ORDER = ("drift", "attention", "rollout")  # known sections first, in this order; others after
 
@@ -151,7 +152,8 @@ def main(argv=None) -> int:
         tag = wanted[0] if len(wanted) == 1 else "run"
         out_dir = args.out_dir if args.out_dir is not None else BENCH_DIR / "results"
         csv_path, json_path = common.write_results(rows, env, out_dir, tag)
-        print(f"\n[bench] wrote {csv_path} and {json_path.name}")
+        png = plot_rows(rows, env, csv_path.with_suffix(".png"))
+        print(f"\n[bench] wrote {csv_path}, {json_path.name}" + (f" and {png.name}" if png else ""))
     if failed:
         print(f"[bench] failed sections: {', '.join(failed)}", file=sys.stderr)
         return 1

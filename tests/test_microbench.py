@@ -60,7 +60,8 @@ def test_bench_run_writes_long_format_results(tmp_path, capsys):
         == 0
     )
     files = sorted(p.name for p in tmp_path.iterdir())
-    assert len(files) == 2 and files[0].startswith("drift-cpu-") and files[0].endswith(".csv"), files
+    assert len(files) == 3 and files[0].startswith("drift-cpu-") and files[0].endswith(".csv"), files
+    assert files[2].endswith(".png") and (tmp_path / files[2]).read_bytes()[:4] == b"\x89PNG"
     rows = list(csv.DictReader((tmp_path / files[0]).read_text().splitlines()))
     assert rows and {r["impl"] for r in rows} == {"reference"}
     ref = next(r for r in rows if r["name"] == "832x480" and r["metric"] == "time")

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from _wan_helpers import randomize_
+from _wan_helpers import CausalWanOracle, randomize_
 
 from tokentrim.cache import KVCache
 from tokentrim.model import WanConfig, WanModel, block_causal_frame_mask
@@ -215,6 +215,49 @@ def test_raw_sink_rerotation(tiny):
     plain = _rollout(model, x, t, ctx, _cache(model, x, 9, sink_frames=sink), block)
     assert _rel(outs[False][:, :9], plain[:, :9]) < 1e-5
     assert _rel(outs[False][:, 9:], plain[:, 9:]) > 1e-4  # the re-rotation changes the last block
+
+
+@pytest.mark.parametrize("raw_sink", [False, True])
+@torch.no_grad()
+def test_cached_matches_upstream_style_oracle(tiny, raw_sink):
+    """Block by block like Self Forcing inference (two denoising forwards at different per-frame
+    timesteps, then the timestep-0 refresh, all rewriting the block's slot), with a 3-frame sink
+    and eviction, against an independent token-major re-implementation of the upstream cached
+    forward (complex128 RoPE at absolute frames, [B,F,6,C] modulation, dict KV cache with
+    global/local end indices; raw_sink: Rolling Forcing's un-rotated sink re-rotated on the fly)."""
+    model, x, t, text, ctx = tiny
+    block, sink, cap = 3, 3, 9
+    cache = _cache(model, x, cap, sink_frames=sink, raw_sink=raw_sink)
+    oracle = CausalWanOracle(model, cap, cache.tokens_per_frame, x.shape[0], sink_frames=sink, raw_sink=raw_sink)
+    g = torch.Generator().manual_seed(5)
+    worst = 0.0
+    for fs in range(0, x.shape[1], block):
+        cache.prepare(block)
+        xb, tb = x[:, fs : fs + block], t[:, fs : fs + block]
+        clean = torch.randn(xb.shape, generator=g)
+        calls = [(xb, tb), (xb * 0.5, tb * 0.5), (clean, torch.zeros_like(tb))]  # 2 steps + refresh
+        for xi, ti in calls:
+            got = model.forward_cached(xi, ti, ctx, cache, fs)
+            ref = oracle.forward(xi, ti, text, fs)
+            worst = max(worst, _rel(got, ref))
+        cache.commit(fs, block)
+    assert cache.frames == [0, 1, 2, 6, 7, 8, 9, 10, 11]  # the oracle evicted the same frames
+    assert worst < 1e-4, worst
+
+
+@torch.no_grad()
+def test_oracle_detects_a_wrong_rope_offset(tiny):
+    """The oracle comparison above fails if the block were rotated from frame 0 instead of its
+    absolute start frame (the bug class it guards against)."""
+    model, x, t, text, ctx = tiny
+    cache = _cache(model, x, 6)
+    oracle = CausalWanOracle(model, 6, cache.tokens_per_frame, x.shape[0])
+    for fs in (0, 3):
+        cache.prepare(3)
+        got = model.forward_cached(x[:, fs : fs + 3], t[:, fs : fs + 3], ctx, cache, 0)  # always frame 0
+        ref = oracle.forward(x[:, fs : fs + 3], t[:, fs : fs + 3], text, fs)
+        cache.commit(fs, 3)
+    assert _rel(got, ref) > 1e-3
 
 
 @torch.no_grad()
