@@ -300,6 +300,16 @@ def test_per_frame_timesteps(tiny):
 
 
 @torch.no_grad()
+def test_timesteps_are_rounded_to_fp32(tiny):
+    """Upstream feeds fp32 timesteps (e.g. 833.3333 -> 833.33331); a float64 t must give the same result."""
+    model, x, t, text, ctx = tiny
+    t64 = torch.tensor([[1000 / 1.2, 937.5, 555.5555555555]] * 2, dtype=torch.float64)
+    a = model.forward_full(x[:, :3], t64, ctx)
+    b = model.forward_full(x[:, :3], t64.float(), ctx)
+    assert torch.equal(a, b)
+
+
+@torch.no_grad()
 def test_bf16_model_close_to_fp32(tiny):
     model, x, t, text, ctx = tiny
     m16 = randomize_(WanModel(TINY, dtype=torch.bfloat16), seed=3).eval()

@@ -137,6 +137,68 @@ def test_rolling_forcing_window_timesteps(model, text):
     assert torch.equal(res.latents, again.latents)
 
 
+def _token_kv(cache, video, frames):
+    """{(frame, pos): (k [L, H, D], v [L, H, D])} of one video's committed tokens in ``frames``."""
+    out = {}
+    for j in range(int(cache.length[video])):
+        f, p = int(cache.token_frame[video, j]), int(cache.token_pos[video, j])
+        if f in frames:
+            out[(f, p)] = (cache.kv[:, 0, video, j], cache.kv[:, 1, video, j])
+    return out
+
+
+def _masked_tokens(cache, video):
+    """{(frame, pos)} of one video's committed tokens that are masked."""
+    L = int(cache.length[video])
+    m = ~cache.keep[video, :L]
+    return {(int(f), int(p)) for f, p in zip(cache.token_frame[video, :L][m], cache.token_pos[video, :L][m])}
+
+
+def test_rolling_forcing_refresh_attends_upstream_context(model, text):
+    """Upstream (RollingForcing causal_model.py, updating_cache=True) refreshes a finished block
+    against the last 21 frames of its cache, the block included: up to 6 previous finished blocks,
+    block 0 while it is among them. Those K/V are what later windows read."""
+    n = 10
+    calls = []
+    orig = model.forward_cached
+
+    def spy(x, t, ctx, cache, frame_start, kv_only=False):
+        calls.append((cache, list(cache.frames), int(frame_start), kv_only, t.clone()))
+        return orig(x, t, ctx, cache, frame_start, kv_only=kv_only)
+
+    model.forward_cached = spy
+    try:
+        r = RollingForcingRollout(model, RollingForcingConfig())
+        res = r.run(text, n, 4, 6, seed=3)
+    finally:
+        del model.forward_cached
+    refreshes = [c for c in calls if c[3]]
+    assert [c[2] for c in refreshes] == [3 * b for b in range(n - 1)]  # every finished block but the last
+    for b, (cache, frames, _fs, _, t) in enumerate(refreshes):
+        assert torch.equal(t, torch.zeros_like(t))  # context_noise = 0
+        assert cache is (r.cache if b == 0 else r.refresh_cache)  # block 0: raw sink keys
+        assert frames == list(range(max(0, 3 * b - 18), 3 * b))
+    wins = [w for w in res.windows if "refresh_frames" in w]
+    assert [w["refresh_frames"] for w in wins] == [c[1] for c in refreshes]
+    assert all(c[0] is r.cache for c in calls if not c[3])  # windows: sink + previous clean block(s)
+    # the window cache holds exactly the K/V the refresh computed (non-sink frames; the sink's keys
+    # there are re-rotated every window, its values are not)
+    for v in range(2):
+        a = _token_kv(r.refresh_cache, v, set(r.cache.frames))
+        w = _token_kv(r.cache, v, set(r.refresh_cache.frames))
+        assert a.keys() == w.keys() and len(a) > 0
+        for key in a:
+            assert torch.equal(a[key][1], w[key][1])
+            if key[0] >= 3:
+                assert torch.equal(a[key][0], w[key][0])
+    # a refresh that only sees the window cache (sink + one block) differs from block 4 on: block 3
+    # is the first refreshed with more than the sink and one previous block in view
+    small = RollingForcingRollout(model, RollingForcingConfig(refresh_frames=0)).run(text, n, 4, 6, seed=3)
+    assert torch.equal(res.latents[:, :12], small.latents[:, :12])
+    diff = (res.latents - small.latents).abs().amax(dim=(0, 2, 3, 4))  # per frame
+    assert (diff[12:] > 1e-5).all(), diff  # the tiny random model's attention is weak: small but real
+
+
 class SmoothVideo:
     """Wraps a model so the clean prediction is a smooth, decelerating pan plus a small model term:
     flow' = 0.05 * flow + (x - target) / sigma, so x0 = target - 0.05 * sigma * flow. The drift
@@ -242,6 +304,10 @@ def test_rolling_forcing_trim_regenerates(model, text):
     assert torch.equal(res.latents[:, :6], plain.latents[:, :6])
     assert not torch.equal(res.latents[:, 6:], plain.latents[:, 6:])
     assert (~r.cache.keep[:, : int(r.cache.length.min())]).sum() > 0
+    # the refresh cache gets the same masks on the same (non-sink) frames
+    for v in range(2):
+        ma, mw = _masked_tokens(r.refresh_cache, v), _masked_tokens(r.cache, v)
+        assert ma == mw and len(ma) > 0 and all(f >= 3 for f, _ in ma)
 
 
 def test_bad_arguments(model, text):
@@ -249,6 +315,8 @@ def test_bad_arguments(model, text):
         SelfForcingConfig(cache_frames=6)
     with pytest.raises(ValueError, match="window_blocks"):
         RollingForcingConfig(window_blocks=4)
+    with pytest.raises(ValueError, match="refresh_frames"):
+        RollingForcingConfig(refresh_frames=5)
     with pytest.raises(TypeError, match="trim"):
         SelfForcingRollout(model, trim={"enabled": True})
     with pytest.raises(ValueError, match="multiples of the patch"):

@@ -23,6 +23,17 @@ def test_warp_rolling_forcing_values():
     torch.testing.assert_close(t, expected, rtol=0, atol=1e-3)
 
 
+@pytest.mark.parametrize("shift", [5.0, 3.0])
+@pytest.mark.parametrize("steps", [[1000, 750, 500, 250], [1000, 800, 600, 400, 200]])
+def test_warp_is_bit_identical_to_upstream_float32_table(shift, steps):
+    """Upstream (Self-Forcing utils/scheduler.py, sigma_min=0, extra_one_step=True) builds the table in
+    float32; the timesteps the model sees must be exactly those, not a float64 table rounded."""
+    base = torch.linspace(1.0, 0.0, 1001)[:-1]
+    table = torch.cat([shift * base / (1 + (shift - 1) * base) * 1000, torch.zeros(1)])
+    expected = table[1000 - torch.tensor(steps)]
+    assert torch.equal(FlowSchedule(shift).warp(steps), expected)
+
+
 @pytest.mark.parametrize("shift", [1.0, 3.0, 8.0])
 def test_warp_matches_formula(shift):
     steps = [1000, 999, 731, 500, 17, 1]

@@ -10,6 +10,13 @@ Formats (detected from the path and the key names):
   "model."), a Rolling Forcing ``.pt`` (also "_fsdp_wrapped_module." inside names), or any
   ``.pt/.pth/.bin/.ckpt`` holding a plain state dict; always ``torch.load(weights_only=True)``;
 - a plain ``.safetensors`` file (the config comes from ``config=`` or a ``config.json`` beside it).
+
+Loading is strict, as upstream: Self Forcing's inference.py loads ``ckpt["generator"]`` (or
+``"generator_ema"`` with ``--use_ema``, what both READMEs run) with a strict ``load_state_dict``
+into its WanDiffusionWrapper, whose only submodule is ``model`` (hence exactly "model." + Wan
+names); Rolling Forcing does the same after dropping "_fsdp_wrapped_module.". Neither state dict
+holds RoPE tables (a plain attribute upstream, non-persistent buffers in diffusers), so there is
+nothing to ignore.
 """
 
 from __future__ import annotations

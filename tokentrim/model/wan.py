@@ -13,6 +13,32 @@ Three paths share one block implementation:
   block's keys/values at the cache's write position and attends with ``ops.masked_attention``.
 - the timestep-0 cache refresh is ``forward_cached`` on clean latents with t = 0
   (``kv_only=True`` skips the work that only feeds the output).
+
+Upstream fidelity (checked against guandeh17/Self-Forcing ``wan/modules/causal_model.py``,
+``utils/wan_wrapper.py``, ``pipeline/causal_inference.py`` and TencentARC/RollingForcing
+``wan/modules/causal_model.py``, ``pipeline/rolling_forcing_inference.py``; the cached path is
+tested against an independent re-implementation of those semantics, tests/_wan_helpers.py):
+
+- Same semantics: per-frame t [B, F] -> e0 [B, F, 6, dim], each vector broadcast over its frame's
+  tokens (block and head); RoPE of a block at absolute frames frame_start + f, never re-based;
+  keys cached after RoPE; a block attends to the whole cache plus itself with no mask; the
+  Rolling Forcing sink is cached un-rotated and rotated to end right before the oldest kept
+  non-sink frame (upstream: current_start_frame - working-cache frames - sink frames); text
+  zero-padded to text_len before text_embedding, cross-attention over all text_len tokens with
+  normed keys and no mask.
+- Deliberate differences, all at bf16 rounding level: upstream Self/Rolling Forcing inference
+  casts the whole generator to bf16 (modulation tables, norm weights, residual stream, and the
+  fp64 timestep sinusoid is rounded to bf16 before time_embedding); this model keeps official
+  Wan2.1's mixed precision (fp32 residual stream, norms, modulation, time embedding). RoPE
+  angles are fp64 as upstream but the rotation runs in fp32 (upstream: complex128). RMSNorm
+  multiplies by its weight before the single rounding (upstream rounds, then multiplies).
+- t is rounded to fp32 first, as upstream's scheduler timesteps are fp32.
+- Positions past the 1024-entry RoPE table raise ValueError (upstream fails on a shape error).
+- Which frames the cache holds (Self Forcing's 21-frame ``max_attention_size`` / local window,
+  Rolling Forcing's 24-frame buffer) is the cache's and the rollout's business: this model
+  attends to everything committed under ``cache.keep``. In particular upstream Rolling Forcing's
+  timestep-0 refresh (``updating_cache=True``) attends to the last 21 cached frames with the sink
+  at frames 0.. (or without the sink once 24 frames are cached), unlike its window forward.
 """
 
 from __future__ import annotations
@@ -259,7 +285,7 @@ class WanModel(nn.Module):
             t = t[:, None].expand(B, Fr)
         if tuple(t.shape) != (B, Fr):
             raise ValueError(f"t must be [B] = [{B}] or [B, F] = [{B}, {Fr}], got {tuple(t.shape)}")
-        return t.to(device)
+        return t.to(device=device, dtype=torch.float32)  # upstream feeds fp32 scheduler timesteps
 
     def _embed(self, x):
         """x [B,F,C,H,W] -> tokens [B,F,S,dim] fp32."""

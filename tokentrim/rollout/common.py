@@ -168,9 +168,12 @@ class TrimHook:
         _, _, sev = ops.drift_topk(cand, prev, k, self.config.patch, check_finite_inputs=False)
         return sev.double().cpu().tolist()
 
-    def prune(self, cache, decision, videos, prev_frames: list[int]) -> int:
+    def prune(self, cache, decision, videos, prev_frames: list[int], mirror=None) -> int:
         """Mask ``decision.unstable_idx[v]`` for each video in ``videos``: in ``prev_frames`` (scope
-        "previous") or every non-sink frame (scope "all"). Returns the number of videos masked."""
+        "previous") or every non-sink frame (scope "all"). Returns the number of videos masked.
+
+        ``mirror``: a second cache (Rolling Forcing's refresh cache, no sink) that gets the same
+        masks on the same frames, excluding ``cache``'s sink frames, when ``cache`` was masked."""
         with nvtx_range("prune", block=decision.block_index):
             frames = None
             if self.config.scope == "previous":
@@ -182,14 +185,25 @@ class TrimHook:
                     return 0
             for v in videos:
                 cache.prune(v, decision.unstable_idx[v], frames=frames)
+            if mirror is not None and videos:
+                sink = set(cache.frames[: cache.sink_frames])
+                pool = prev_frames if frames is not None else mirror.frames
+                mframes = [f for f in pool if f in mirror.frames and f not in sink]
+                if mframes:
+                    for v in videos:
+                        mirror.prune(v, decision.unstable_idx[v], frames=mframes)
             if self.compact_after_prune and videos:
                 cache.compact()
+                if mirror is not None:
+                    mirror.compact()
             return len(videos)
 
-    def after_block(self, cache) -> None:
+    def after_block(self, cache, mirror=None) -> None:
         """Undo the masks when they do not persist (``persist=False``)."""
         if self.active and not self.config.persist:
             cache.unprune_all()
+            if mirror is not None:
+                mirror.unprune_all()
 
 
 class BlockRecorder:

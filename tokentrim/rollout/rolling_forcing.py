@@ -13,15 +13,47 @@ the lowest noise. One ``forward_cached`` denoises the whole window with per-fram
 Start-up (w < S - 1): windows hold blocks 0..w at levels w..0 (no block finishes). Drain
 (w >= num_blocks): no new block joins; the window shrinks from the front as blocks finish, and
 its levels are the lowest ones. Every block thus passes each level exactly once. (Upstream
-picks the timesteps of a partial window from its position; that matches this rule whenever
-num_blocks >= S; for shorter videos this rule is the consistent one.)
+picks the timesteps of a partial window from its position: starting at frame 0 -> the noisiest
+levels, ending at the video's end -> the lowest; that is this rule whenever num_blocks >= S. For
+num_blocks < S upstream's rule repeats levels and restarts the last block from pure noise every
+window, so this rule is used there.)
 
-Cache (``KVCache(raw_sink=True, sink_frames, max_frames = sink + local + window frames)``): before
-each window ``cache.prepare(window frames)`` evicts down to the sink plus the latest finished
-block(s). After a block finishes, a timestep-0 forward of its clean x0 writes its K/V and
-``commit`` makes it part of the cache; block 0 becomes the attention sink, kept un-rotated and
-re-rotated by the model to sit right before the oldest non-sink key frame. Only finished blocks
-are ever committed: a window attends to the sink, the previous clean block(s) and itself.
+Window cache (``KVCache(raw_sink=True, sink_frames, max_frames = sink + local + window frames)``):
+before each window ``cache.prepare(window frames)`` evicts down to the sink plus the latest
+finished block(s). Block 0 becomes the attention sink, kept un-rotated and re-rotated by the model
+to sit right before the oldest non-sink key frame. Only finished blocks are ever committed: a
+window attends to the sink, the previous clean block(s) (one for a full window, more for the
+shorter drain windows: sink + clean + window <= 21 frames) and itself.
+
+Cache refresh: after a block finishes, one forward of its clean x0 at timestep 0 (upstream's
+``context_noise`` is 0, its add-noise lines are commented out) computes its K/V, which are
+committed. Upstream's refresh (``updating_cache=True``) attends the last ``max_attention_size`` =
+21 frames of its cache ending with the block itself: the latest finished blocks (up to 6), with
+block 0 at its own position 0 while it is among them and no sink once it is not. The window cache
+keeps less than that, so with ``refresh_frames`` > 0 the refresh runs on a second, sink-less
+``refresh_cache`` of ``refresh_frames`` frames (positions absolute, oldest evicted) and the
+block's K/V are copied into the window cache; while the sink is being written the refresh runs on
+the window cache (the raw keys live there) and is copied the other way.
+
+Upstream fidelity (TencentARC/RollingForcing ``pipeline/rolling_forcing_inference.py``
+``inference_rolling_forcing`` and ``wan/modules/causal_model.py`` ``CausalWanSelfAttention``):
+
+- same: window count num_blocks + S - 1; per-frame timesteps (``shared_timestep``, the lowest
+  level first; start-up windows take the noisiest levels, drain windows the lowest); the newest
+  block enters as pure noise; every other block re-noised with fresh noise to the next level; the
+  finished block refreshed before the next window; the sink re-rotated right before the working
+  cache; a full window attends 3 + 3 + 15 = 21 frames.
+- output-equivalent: upstream refreshes the window's first block after EVERY window (start-up
+  windows write block 0's unfinished x0, which no window attends since they all start at frame 0
+  and attend themselves only; the last window refreshes the last block, which nobody reads); here
+  only finished blocks but the last are refreshed. Upstream's window forward also writes the
+  first block's noisy K/V, which its refresh then overwrites.
+- deliberate: upstream's cache is one 24-frame buffer (sink + 7 blocks) holding only clean
+  blocks, the window's K/V being concatenated on the fly; here the window cache (21 frames) holds
+  the window's K/V while it runs and the refresh cache (21 frames) the refresh context. Upstream
+  draws fresh noise from the global RNG and keeps latents in bf16 (x0 cast back to the model
+  dtype); here per-block generators (``common.block_noise``) and float32 latents between windows
+  (x0 and re-noising in float64), the model sees them in its own dtype.
 
 TokenTrim: each finished block (b >= 1) is the candidate, judged against the previous finished
 block. Flagged videos get the unstable positions masked in the cache (scope "previous": the
@@ -67,6 +99,11 @@ class RollingForcingConfig:
         shift: flow-matching timestep shift (5.0).
         sink_frames: attention-sink frames, the video's first frames (3).
         local_frames: previous clean frames kept besides the sink (3 = one block).
+        refresh_frames: frames the timestep-0 cache refresh of a finished block attends, the block
+            included (21 = upstream's max_attention_size): the latest finished blocks, block 0 at
+            its own position while it is among them. These K/V live in a second KV cache of
+            ``refresh_frames`` frames. 0: the refresh attends what the window cache holds (sink +
+            local frames), with no second cache (less memory, not upstream).
         compact_after_prune: delete pruned tokens right after masking (needs persist).
         use_graphs: capture the cached forward into CUDA graphs (CUDA only).
     """
@@ -77,6 +114,7 @@ class RollingForcingConfig:
     shift: float = 5.0
     sink_frames: int = 3
     local_frames: int = 3
+    refresh_frames: int = 21
     compact_after_prune: bool = False
     use_graphs: bool = False
 
@@ -93,6 +131,12 @@ class RollingForcingConfig:
             raise ValueError(f"RollingForcingConfig.shift must be a positive number, got {self.shift!r}")
         check_int("RollingForcingConfig.sink_frames", self.sink_frames, 1)
         check_int("RollingForcingConfig.local_frames", self.local_frames, 0)
+        check_int("RollingForcingConfig.refresh_frames", self.refresh_frames, 0)
+        if 0 < self.refresh_frames < self.sink_frames + self.block_frames:
+            raise ValueError(
+                f"RollingForcingConfig.refresh_frames must be 0 or >= sink_frames + block_frames "
+                f"({self.sink_frames + self.block_frames}), got {self.refresh_frames}"
+            )
         if self.sink_frames % self.block_frames:
             raise ValueError(
                 f"RollingForcingConfig.sink_frames ({self.sink_frames}) must be a multiple of block_frames "
@@ -142,6 +186,11 @@ class RollingForcingRollout(RolloutBase):
         self.cache = KVCache(facts.num_layers, batch, facts.num_heads, facts.head_dim, tpf, cfg.cache_frames,
                              sink_frames=cfg.sink_frames, raw_sink=True, dtype=facts.dtype, device=facts.device)
         self.runner = GraphRunner(self.model, ctx, self.cache, enabled=self.use_graphs)
+        self.refresh_cache = self.refresh_runner = None
+        if cfg.refresh_frames:
+            self.refresh_cache = KVCache(facts.num_layers, batch, facts.num_heads, facts.head_dim, tpf,
+                                         cfg.refresh_frames, dtype=facts.dtype, device=facts.device)
+            self.refresh_runner = GraphRunner(self.model, ctx, self.refresh_cache, enabled=self.use_graphs)
         self.hook = TrimHook(self.trim, batch, cfg.compact_after_prune)
         self.recorder = BlockRecorder(facts.device)
         self.windows = []
@@ -187,18 +236,43 @@ class RollingForcingRollout(RolloutBase):
                     done = x0[:, :bf].contiguous()
                     del state[finishing], noise[finishing]
                     if finishing < num_blocks - 1:
-                        with nvtx_range("cache_refresh", block=finishing):
-                            self.cache.prepare(bf)
-                            self.runner(done.to(facts.dtype), torch.zeros(batch, bf, device=facts.device),
-                                        finishing * bf, kv_only=True)
-                            self.cache.commit(finishing * bf, bf)
+                        win["refresh_frames"] = self._refresh(done, finishing)
                         forwards += 1
-                    self.hook.after_block(self.cache)
+                    self.hook.after_block(self.cache, self.refresh_cache)
                 rec = self.recorder.finish_block(finishing, finishing * bf, bf, forwards, trim_record, passes,
                                                  extra={"windows": pending})
                 pending, forwards = [], 0
                 prev = done
                 yield BlockOutput(finishing, done, rec)
+
+    def _refresh(self, done: torch.Tensor, b: int) -> list[int]:
+        """Timestep-0 forward of finished block ``b`` (x0 ``done`` [B, bf, C, H, W] f32): writes its
+        K/V into the window cache and commits it there (and in the refresh cache). Returns the
+        committed frames the refresh attended (besides the block itself)."""
+        bf, facts = self.config.block_frames, self.facts
+        fs = b * bf
+        x = done.to(facts.dtype)
+        t = torch.zeros(done.shape[0], bf, device=facts.device)
+        cache, side = self.cache, self.refresh_cache
+        with nvtx_range("cache_refresh", block=b):
+            cache.prepare(bf)
+            if side is None:
+                context = list(cache.frames)
+                self.runner(x, t, fs, kv_only=True)
+            else:
+                side.prepare(bf)
+                context = list(side.frames)
+                if len(cache.frames) < cache.sink_frames:
+                    # the sink is being written: it needs raw keys, which only the window cache
+                    # keeps; both caches hold the same frames at the same positions here
+                    self.runner(x, t, fs, kv_only=True)
+                    _copy_block(cache, side, bf)
+                else:
+                    self.refresh_runner(x, t, fs, kv_only=True)
+                    _copy_block(side, cache, bf)
+                side.commit(fs, bf)
+            cache.commit(fs, bf)
+        return context
 
     def _window(self, x: torch.Tensor, t: torch.Tensor, fs: int) -> torch.Tensor:
         """One joint forward of a window: x0 [B, n*bf, C, H, W] f32 from noisy x (f32) at per-frame t."""
@@ -219,7 +293,7 @@ class RollingForcingRollout(RolloutBase):
         eligible = [True] * B
         while tcfg.max_regenerations > 0 and any(p and eligible[v] for v, p in enumerate(d.prune)):
             videos = [v for v in range(B) if d.prune[v] and eligible[v]]
-            if not hook.prune(self.cache, d, videos, prev_frames):
+            if not hook.prune(self.cache, d, videos, prev_frames, self.refresh_cache):
                 break  # nothing maskable (the previous block is the raw sink): no regeneration
             passes += 1
             for v in videos:
@@ -236,6 +310,17 @@ class RollingForcingRollout(RolloutBase):
             if passes >= tcfg.max_regenerations:
                 break
         if tcfg.max_regenerations == 0 and first.any_prune:
-            hook.prune(self.cache, first, [v for v in range(B) if first.prune[v]], prev_frames)
+            hook.prune(self.cache, first, [v for v in range(B) if first.prune[v]], prev_frames, self.refresh_cache)
         record = hook.controller.accept(first, final_severity=final_sev, regenerated=regen)
         return x0, record, passes, n
+
+
+def _copy_block(src, dst, num_frames: int) -> None:
+    """Write the uncommitted block ``src`` just received (``num_frames`` frames at ``src.length``,
+    every layer) into ``dst`` at ``dst.length``. Keys are RoPE'd at their absolute frames in both.
+    Host sync: none (device-side gather)."""
+    T = num_frames * src.tokens_per_frame
+    idx = src.length.long()[:, None] + torch.arange(T, device=src.device)
+    bidx = torch.arange(src.batch, device=src.device)[:, None]
+    for i in range(src.num_layers):
+        dst.write(i, src.k(i)[bidx, idx], src.v(i)[bidx, idx])

@@ -6,6 +6,14 @@ The model predicts the flow ``v = noise - x0`` at a noise level ``sigma`` where
 Warping (REFERENCE.md section 3): the base sigmas are ``linspace(1, 0, 1001)[:-1]``, shifted to
 ``s*sigma / (1 + (s-1)*sigma)``; a nominal step ``k`` in 0..1000 maps to entry ``1000 - k`` of the
 shifted timesteps with a 0 appended (so nominal 0 -> timestep 0).
+
+Upstream fidelity (Self-Forcing ``utils/scheduler.py`` FlowMatchScheduler with ``sigma_min=0,
+extra_one_step=True``, built in ``utils/wan_wrapper.py``; the same files in RollingForcing): the
+table is computed in float32 exactly as upstream does, so the warped timesteps fed to the model are
+bit-identical to upstream's (a float64 table differed by one float32 ulp, 6e-5, for 3 of the 5
+Rolling Forcing steps). Deliberate difference: upstream finds sigma by a nearest-timestep lookup in
+its float32 sigma table (``_convert_flow_pred_to_x0``, ``add_noise``); here ``sigma = t / 1000`` in
+float64, which differs from the table entry by < 3e-8 for every warped step.
 """
 
 from __future__ import annotations
@@ -30,10 +38,10 @@ class FlowSchedule:
             raise ValueError(f"num_train_timesteps must be a positive int, got {num_train_timesteps!r}")
         self.shift = float(shift)
         self.num_train_timesteps = num_train_timesteps
-        base = torch.linspace(1.0, 0.0, num_train_timesteps + 1, dtype=torch.float64)[:-1]
-        #: shifted sigmas [num_train_timesteps] float64, from 1 down to just above 0
-        self.sigmas = self.shift * base / (1.0 + (self.shift - 1.0) * base)
-        #: shifted timesteps [num_train_timesteps] float64 (= sigmas * num_train_timesteps)
+        base = torch.linspace(1.0, 0.0, num_train_timesteps + 1, dtype=torch.float32)[:-1]
+        #: shifted sigmas [num_train_timesteps] float32 (as upstream), from 1 down to just above 0
+        self.sigmas = self.shift * base / (1 + (self.shift - 1) * base)
+        #: shifted timesteps [num_train_timesteps] float32 (= sigmas * num_train_timesteps)
         self.timesteps = self.sigmas * num_train_timesteps
 
     def warp(self, step_list: Sequence[int]) -> torch.Tensor:
@@ -50,9 +58,9 @@ class FlowSchedule:
                 raise ValueError(
                     f"step_list entries must be ints in [0, {self.num_train_timesteps}], got {s!r} in {steps}"
                 )
-        table = torch.cat([self.timesteps, torch.zeros(1, dtype=torch.float64)])
+        table = torch.cat([self.timesteps, torch.zeros(1, dtype=torch.float32)])
         idx = torch.tensor([self.num_train_timesteps - s for s in steps], dtype=torch.long)
-        return table[idx].to(torch.float32)
+        return table[idx].clone()
 
     def sigma(self, timestep) -> torch.Tensor | float:
         """Noise level of a timestep: ``t / num_train_timesteps`` (float64 for tensors)."""

@@ -13,11 +13,28 @@ Per block b of ``block_frames`` latent frames starting at absolute frame ``b * b
    default). Only flagged videos take the regenerated result. ``accept`` feeds the statistics with
    the severity of the block finally accepted (the regenerated candidate's, for regenerated videos).
 4. Cache refresh: one forward of the clean x0 at timestep 0 rewrites the block's K/V, then
-   ``cache.commit`` (skipped for the last block unless ``refresh_last_block``, as upstream).
+   ``cache.commit`` (skipped for the last block unless ``refresh_last_block``).
 5. ``persist=False``: every mask is lifted after the block.
 
-Latents are kept in float32 between steps (the x0/re-noise arithmetic runs in float64, as
-upstream); the model sees them cast to its own dtype.
+Upstream fidelity (guandeh17/Self-Forcing ``pipeline/causal_inference.py``
+``CausalInferencePipeline.inference``, ``utils/wan_wrapper.py``, ``configs/self_forcing_dmd.yaml``
++ ``configs/default_config.yaml``):
+
+- same: 3 frames per block, ``independent_first_frame`` false; steps [1000, 750, 500, 250] warped
+  (``warp_denoising_step``) to [1000, 937.5, 833.3, 625]; x0 = x_t - sigma * flow in float64
+  (``_convert_flow_pred_to_x0``); re-noising (1 - sigma') x0 + sigma' * fresh Gaussian noise at
+  the next step (``add_noise``), none after the last step; the refresh feeds the clean x0 at
+  ``context_noise`` = 0 (no noise added) at the block's own frames; no classifier-free guidance.
+- output-equivalent: upstream also refreshes the last block (its step 3.3 runs for every block;
+  REFERENCE.md says it is skipped); nothing reads that refresh, so it is skipped here by default
+  (one forward less per video; ``refresh_last_block=True`` restores it).
+- deliberate: upstream keeps latents in bf16 (noise drawn in bf16, x0 cast back to the model
+  dtype before re-noising); here latents stay float32 between steps (x0 and re-noising in float64)
+  and the model sees them in its own dtype. Upstream draws fresh noise from the global RNG; here
+  per-block generators (``common.block_noise``). Upstream's default cache holds 21 frames with no
+  eviction (``local_attn_size=-1``, ``sink_size=0``: 7 blocks at most); past ``cache_frames`` this
+  rollout keeps ``sink_frames`` and rolls the rest (upstream's optional local attention + sink),
+  identical to upstream up to 21 frames.
 """
 
 from __future__ import annotations
