@@ -47,6 +47,14 @@ def test_determinism_and_seed(model, text):
     assert [r["forwards"] for r in a.records] == [5, 4]  # 4 steps + refresh, last block no refresh
 
 
+def test_last_block_refresh_is_output_equivalent(model, text):
+    """Upstream Self Forcing refreshes the last block too (causal_inference.py step 3.3); nothing reads it."""
+    a = _sf(model, text, 2, seed=4)
+    b = _sf(model, text, 2, seed=4, refresh_last_block=True)
+    assert torch.equal(a.latents, b.latents)
+    assert [r["forwards"] for r in b.records] == [5, 5]
+
+
 def test_trim_disabled_and_never_equal_plain(model, text):
     plain = _sf(model, text, 4)
     off = _sf(model, text, 4, trim=TokenTrimConfig(enabled=False))
@@ -178,6 +186,9 @@ def test_rolling_forcing_refresh_attends_upstream_context(model, text):
         assert torch.equal(t, torch.zeros_like(t))  # context_noise = 0
         assert cache is (r.cache if b == 0 else r.refresh_cache)  # block 0: raw sink keys
         assert frames == list(range(max(0, 3 * b - 18), 3 * b))
+    # one runner serves both caches: the log (FLOP counts) has every forward with its own context
+    assert r.runner.calls == len(calls)
+    assert [q for q in r.runner.log if q[2]] == [(3, len(c[1]), True) for c in refreshes]
     wins = [w for w in res.windows if "refresh_frames" in w]
     assert [w["refresh_frames"] for w in wins] == [c[1] for c in refreshes]
     assert all(c[0] is r.cache for c in calls if not c[3])  # windows: sink + previous clean block(s)

@@ -11,6 +11,9 @@ that the cache updates in place, so captures stay valid (docs/internals.md, grap
 Eviction (``cache.prepare``), pruning and compaction run outside the graphs, between replays.
 
 On the CPU, or with ``enabled=False``, the runner calls the model eagerly with the same arguments.
+
+A call may name another cache (Rolling Forcing's refresh cache); it gets its own captures, and
+``calls``/``log`` count every forward whichever cache it used.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ class GraphRunner:
     Args:
         model: a ``WanModel``.
         ctx: the ``TextContext`` every call uses (captured by reference).
-        cache: the ``KVCache`` every call uses (captured by reference; its buffers never move).
+        cache: the ``KVCache`` calls use unless they name another (captured by reference; its buffers
+            never move).
         enabled: use CUDA graphs when the model is on CUDA; otherwise always eager.
         warmup: eager runs on a side stream before each capture (lets Triton autotune and compile).
     """
@@ -46,30 +50,30 @@ class GraphRunner:
         self.log: list[tuple[int, int, bool]] = []
         self._pool = None
 
-    def _key(self, x: torch.Tensor, frame_start: int, kv_only: bool) -> tuple:
-        cache = self.cache
-        key = (tuple(x.shape), kv_only)
+    def _key(self, cache, x: torch.Tensor, kv_only: bool) -> tuple:
+        key = (id(cache), tuple(x.shape), kv_only)
         if getattr(cache, "raw_sink", False):
             # While the sink is being written the model stores raw keys; afterwards it re-rotates
             # them at a device-side frame (cache.sink_anchor), so one capture serves every window.
             key += (len(cache.frames) < cache.sink_frames,)
         return key
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, frame_start: int, kv_only: bool = False):
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, frame_start: int, kv_only: bool = False, cache=None):
         """Predicted flow [B, F, C, H, W] fp32 for ``x`` at timesteps ``t`` [B, F] float32, or None
-        with ``kv_only`` (cache refresh: only the K/V writes matter).
+        with ``kv_only`` (cache refresh: only the K/V writes matter). ``cache``: None = the runner's.
 
         Host sync: none on the graph path (inputs are copied into static buffers, then replay).
         """
+        cache = self.cache if cache is None else cache
         self.calls += 1
-        self.log.append((int(x.shape[1]), len(self.cache.frames), bool(kv_only)))
+        self.log.append((int(x.shape[1]), len(cache.frames), bool(kv_only)))
         with nvtx_range("forward", frames=x.shape[1]):
             if not self.use_graphs:
-                return self.model.forward_cached(x, t, self.ctx, self.cache, frame_start, kv_only=kv_only)
-            key = self._key(x, frame_start, kv_only)
+                return self.model.forward_cached(x, t, self.ctx, cache, frame_start, kv_only=kv_only)
+            key = self._key(cache, x, kv_only)
             entry = self.graphs.get(key)
             if entry is None:
-                entry = self._capture(key, x, t, frame_start, kv_only)
+                entry = self._capture(key, cache, x, t, frame_start, kv_only)
             graph, xs, ts, fs, out = entry
             xs.copy_(x)
             ts.copy_(t)
@@ -77,7 +81,7 @@ class GraphRunner:
             graph.replay()
             return None if out is None else out.clone()
 
-    def _capture(self, key, x, t, frame_start, kv_only):
+    def _capture(self, key, cache, x, t, frame_start, kv_only):
         xs = x.detach().clone()
         ts = t.detach().to(torch.float32).clone()
         fs = torch.full((), frame_start, dtype=torch.int64, device=self.device)
@@ -87,13 +91,13 @@ class GraphRunner:
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(self.warmup):
-                self.model.forward_cached(xs, ts, self.ctx, self.cache, fs, kv_only=kv_only)
+                self.model.forward_cached(xs, ts, self.ctx, cache, fs, kv_only=kv_only)
         torch.cuda.current_stream(self.device).wait_stream(side)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            out = self.model.forward_cached(xs, ts, self.ctx, self.cache, fs, kv_only=kv_only)
+            out = self.model.forward_cached(xs, ts, self.ctx, cache, fs, kv_only=kv_only)
         entry = (graph, xs, ts, fs, out)
         self.graphs[key] = entry
         self.captures += 1

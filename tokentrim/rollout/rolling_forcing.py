@@ -186,11 +186,10 @@ class RollingForcingRollout(RolloutBase):
         self.cache = KVCache(facts.num_layers, batch, facts.num_heads, facts.head_dim, tpf, cfg.cache_frames,
                              sink_frames=cfg.sink_frames, raw_sink=True, dtype=facts.dtype, device=facts.device)
         self.runner = GraphRunner(self.model, ctx, self.cache, enabled=self.use_graphs)
-        self.refresh_cache = self.refresh_runner = None
+        self.refresh_cache = None
         if cfg.refresh_frames:
             self.refresh_cache = KVCache(facts.num_layers, batch, facts.num_heads, facts.head_dim, tpf,
                                          cfg.refresh_frames, dtype=facts.dtype, device=facts.device)
-            self.refresh_runner = GraphRunner(self.model, ctx, self.refresh_cache, enabled=self.use_graphs)
         self.hook = TrimHook(self.trim, batch, cfg.compact_after_prune)
         self.recorder = BlockRecorder(facts.device)
         self.windows = []
@@ -268,7 +267,7 @@ class RollingForcingRollout(RolloutBase):
                     self.runner(x, t, fs, kv_only=True)
                     _copy_block(cache, side, bf)
                 else:
-                    self.refresh_runner(x, t, fs, kv_only=True)
+                    self.runner(x, t, fs, kv_only=True, cache=side)
                     _copy_block(side, cache, bf)
                 side.commit(fs, bf)
             cache.commit(fs, bf)
