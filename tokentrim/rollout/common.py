@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tokentrim import ops
 from tokentrim.config import TokenTrimConfig
 from tokentrim.kernels.validate import check_int
 from tokentrim.profiling import nvtx_range
@@ -160,13 +159,6 @@ class TrimHook:
     def decide(self, cand: torch.Tensor, prev: torch.Tensor, block: int):
         with nvtx_range("detect", block=block):
             return self.controller.decide(cand, prev, block)
-
-    def severity(self, cand: torch.Tensor, prev: torch.Tensor) -> list[float]:
-        """Drift severity [B] of ``cand`` vs ``prev`` (host floats; one sync)."""
-        ph, pw = self.config.patch
-        k = self.config.k_for((cand.shape[-2] // ph) * (cand.shape[-1] // pw))
-        _, _, sev = ops.drift_topk(cand, prev, k, self.config.patch, check_finite_inputs=False)
-        return sev.double().cpu().tolist()
 
     def prune(self, cache, decision, videos, prev_frames: list[int], mirror=None) -> int:
         """Mask ``decision.unstable_idx[v]`` for each video in ``videos``: in ``prev_frames`` (scope
