@@ -23,13 +23,15 @@ DTYPES = ("float32", "bfloat16", "float16")
 def _int_at_least(minimum: int):
     """argparse type: an int >= ``minimum``, with a message naming the bound."""
 
+    want = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}") from None
         if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+            raise argparse.ArgumentTypeError(f"expected {want}, got {value}")
         return value
 
     return parse
