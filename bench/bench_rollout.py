@@ -74,7 +74,7 @@ def add_arguments(parser) -> None:
         "--rollout-repeats",
         type=int,
         default=None,
-        help="timed runs per configuration, median reported (default: 3; 1 with --quick)",
+        help="timed runs per configuration, median reported (default: 7; 1 with --quick)",
     )
     parser.add_argument("--rollout-no-graphs", action="store_true", help="skip the CUDA-graph runs")
 
@@ -100,7 +100,7 @@ def _defaults(args, device):
         rf_blocks=args.rollout_rf_blocks or (30 if cuda else 4),
         height=args.rollout_height or (60 if cuda else 16),
         width=args.rollout_width or (104 if cuda else 16),
-        repeats=args.rollout_repeats or (1 if args.quick else 3),
+        repeats=args.rollout_repeats or (1 if args.quick else 7),
     )
 
 
