@@ -42,7 +42,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # ---------------------------------------------------------------------------------- environment
 def git_sha() -> str | None:
-    """Short sha of HEAD (with "+dirty" when the tree has changes), or None outside a git checkout."""
+    """Short sha of HEAD (with "+dirty" when the code has uncommitted changes; result files under
+    bench/results do not count), or None outside a git checkout."""
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
@@ -50,7 +51,7 @@ def git_sha() -> str | None:
         if sha.returncode != 0:
             return None
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)bench/results"],
             cwd=REPO_ROOT,
             capture_output=True,
             text=True,
