@@ -42,7 +42,7 @@ def _compact_kernel(
     b = (gb % B).to(tl.int64)
     g = gb // B
     base = KV + tl.load(LEAD_OFF + g) + b * s_b + h * s_h
-    n = tl.minimum(tl.maximum(tl.load(KV_LEN + b).to(tl.int32), 0), L)
+    n = tl.minimum(tl.maximum(tl.load(KV_LEN + b), 0), L).to(tl.int32)
     offs_l0 = tl.arange(0, BLOCK_L)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D

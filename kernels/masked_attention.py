@@ -73,7 +73,7 @@ def _masked_attn_fwd(
     v_base = V + b * svb + h * svh
 
     if HAS_KV_LEN:
-        kvl = tl.minimum(tl.load(KV_LEN + b).to(tl.int32), Lk)
+        kvl = tl.minimum(tl.maximum(tl.load(KV_LEN + b), 0), Lk).to(tl.int32)
     else:
         kvl = Lk
     if HAS_KEEP:
@@ -93,16 +93,17 @@ def _masked_attn_fwd(
         offs_n = tile * BLOCK_N + offs_n0
         in_len = offs_n < kvl
         offs_n64 = offs_n.to(tl.int64)
-        k = tl.load(k_base + offs_n64[None, :] * skl + offs_d[:, None], mask=in_len[None, :], other=0.0)
-        if IEEE_DOT:
-            s = tl.dot(q, k, input_precision="ieee")
-        else:
-            s = tl.dot(q, k)
         if HAS_KEEP:
             kept = tl.load(KEEP + b * skeep_b + offs_n64, mask=in_len, other=0) != 0
             ok = in_len & kept
         else:
             ok = in_len
+        # keys not attended load as 0: NaN/Inf in a masked or stale slot never enters the dots
+        k = tl.load(k_base + offs_n64[None, :] * skl + offs_d[:, None], mask=ok[None, :], other=0.0)
+        if IEEE_DOT:
+            s = tl.dot(q, k, input_precision="ieee")
+        else:
+            s = tl.dot(q, k)
         s = tl.where(ok[None, :], s * qk_scale, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -112,7 +113,7 @@ def _masked_attn_fwd(
         p = tl.exp2(s - m_shift[:, None])
         alpha = tl.exp2(m_i - m_shift)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + offs_n64[:, None] * svl + offs_d[None, :], mask=in_len[:, None], other=0.0)
+        v = tl.load(v_base + offs_n64[:, None] * svl + offs_d[None, :], mask=ok[:, None], other=0.0)
         if IEEE_DOT:
             pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
         else:

@@ -222,9 +222,13 @@ def test_kv_len_range_check():
         check_kv_len_range(too_long, k.shape[1])
     with pytest.raises(ValueError, match="kv_len values must be in"):
         kattn.masked_attention(q, k, v, kv_len=too_long, check_range=True)
-    # Without the (syncing) check, an over-long kv_len is clamped to Lk_max.
+    # Without the (syncing) check, the kernel clamps kv_len to [0, Lk_max].
     got = run_kernel(q, k, v, kv_len=too_long)
-    torch.testing.assert_close(got, reference.masked_attention(q, k, v, kv_len=too_long))
+    torch.testing.assert_close(got, reference.masked_attention(q, k, v, kv_len=too_long.clamp(max=10)))
+    negative = torch.tensor([-4, 7], dtype=torch.int32, device=DEVICE)
+    got = run_kernel(q, k, v, kv_len=negative)
+    assert torch.equal(got[0], torch.zeros_like(got[0]))
+    torch.testing.assert_close(got, reference.masked_attention(q, k, v, kv_len=negative.clamp(min=0)))
 
 
 # -------------------------------------------------------------------------------------- GPU only

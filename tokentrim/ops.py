@@ -19,7 +19,13 @@ import os
 import torch
 
 from tokentrim import reference
-from tokentrim.kernels.validate import check_compact_inputs, check_drift_inputs, check_finite
+from tokentrim.kernels.validate import (
+    check_attention_inputs,
+    check_compact_inputs,
+    check_drift_inputs,
+    check_finite,
+    check_kv_len_range_if_free,
+)
 
 BACKENDS = ("auto", "triton", "reference")
 
@@ -99,7 +105,9 @@ def attention_tiles(keep, kv_len=None, backend: str = "auto"):
     return kernel.kept_tiles(keep, kv_len, kernel.tile_size())
 
 
-def masked_attention(q, k, v, keep=None, kv_len=None, scale=None, backend: str = "auto", tiles=None):
+def masked_attention(
+    q, k, v, keep=None, kv_len=None, scale=None, backend: str = "auto", tiles=None, check_range: bool = False
+):
     """Attention of q over the kept keys of a (cache-layout) K/V buffer.
 
     Args:
@@ -109,10 +117,15 @@ def masked_attention(q, k, v, keep=None, kv_len=None, scale=None, backend: str =
         kv_len: optional [B] int32 device tensor; keys at or past kv_len[b] are ignored.
         scale: softmax scale, default D**-0.5.
         tiles: optional plan from ``attention_tiles(keep, kv_len)`` (Triton only; ignored otherwise).
+        check_range: also check 0 <= kv_len <= Lk_max on CUDA (one host sync). A CPU kv_len is
+            always checked (free); the kernels clamp it to [0, Lk_max] in any case.
 
     Returns:
-        o [B,Lq,H,D] in q's dtype; a query row with no kept key is all zeros.
+        o [B,Lq,H,D] in q's dtype; a query row with no kept key is all zeros. Keys not attended
+        never influence the output (even NaN/Inf ones); NaN in q or attended K/V propagates.
     """
+    check_attention_inputs(q, k, v, keep, kv_len)
+    check_kv_len_range_if_free(kv_len, k.shape[1], force=check_range)
     if resolve_backend(backend, q.device) == "triton":
         return _kernel("masked_attention").masked_attention(
             q, k, v, keep=keep, kv_len=kv_len, scale=scale, tiles=tiles
@@ -120,19 +133,21 @@ def masked_attention(q, k, v, keep=None, kv_len=None, scale=None, backend: str =
     return reference.masked_attention(q, k, v, keep=keep, kv_len=kv_len, scale=scale)
 
 
-def compact_kv(kv, keep, kv_len, backend: str = "auto"):
+def compact_kv(kv, keep, kv_len, backend: str = "auto", check_range: bool = False):
     """Move the kept tokens of every layer's K and V to the front (stable), in place.
 
     Args:
         kv: [..., B, L, H, D] cache tensor (e.g. [layers, 2, B, L, H, D]).
         keep: [B, L] bool, True = keep.
-        kv_len: [B] int32, tokens in use per video.
+        kv_len: [B] int32, tokens in use per video, in [0, L]: a CPU kv_len is checked (free),
+            a CUDA one only with ``check_range`` (one host sync); the kernel clamps it.
 
     Returns:
         new kv_len [B] int32 (number of kept tokens below the old kv_len). Slots past it are
         unspecified.
     """
     check_compact_inputs(kv, keep, kv_len)
+    check_kv_len_range_if_free(kv_len, kv.shape[-3], force=check_range)
     if resolve_backend(backend, kv.device) == "triton":
         return _kernel("kv_compact").compact_kv(kv, keep, kv_len)
     return reference.compact_kv(kv, keep, kv_len)

@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import torch
 
-from tokentrim.kernels.validate import check_attention_inputs, check_compact_inputs, check_drift_inputs
+from tokentrim.kernels.validate import (
+    check_attention_inputs,
+    check_compact_inputs,
+    check_drift_inputs,
+    check_kv_len_range,
+)
 
 
 # --------------------------------------------------------------------------------------------- drift
@@ -63,33 +68,58 @@ def attention_mask(keep: torch.Tensor | None, kv_len: torch.Tensor | None, B: in
 
 
 def masked_attention(q, k, v, keep=None, kv_len=None, scale=None):
-    """Reference of ``tokentrim.ops.masked_attention``: explicit fp32 softmax attention.
+    """Reference of ``tokentrim.ops.masked_attention``: softmax attention in fp32 over the attended keys.
 
     q [B,Lq,H,D], k/v [B,Lk,H,D], keep [B,Lk] bool (True = attend), kv_len [B] int (keys at or past
-    kv_len are ignored). Returns o [B,Lq,H,D] in q's dtype; a query row with no attended key is 0.
+    kv_len are ignored; on CPU a value outside [0, Lk] raises ``ValueError``, elsewhere it is clamped).
+    Returns o [B,Lq,H,D] in q's dtype.
+
+    Semantics every backend shares: a query row with no attended key is 0; a key that is not
+    attended (keep False or at/past kv_len) never influences the output, even when its K or V hold
+    NaN/Inf (it is zeroed before any arithmetic); NaN in q or in an attended key's K/V propagates
+    to the output (nothing is ``nan_to_num``-ed).
+
+    Computed with torch SDPA and a boolean key mask on fp32 copies (the CPU flash kernel: fast
+    enough for CPU rollouts). On CPU the keys past the largest kv_len are not even read, so the
+    cost follows the cache length (one host read of a CPU tensor, no device sync).
     """
     check_attention_inputs(q, k, v, keep, kv_len)
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
+    if kv_len is not None and kv_len.device.type == "cpu":
+        check_kv_len_range(kv_len, Lk)
     scale = D**-0.5 if scale is None else float(scale)
     mask = attention_mask(keep, kv_len, B, Lk, q.device)  # [B, Lk]
-    s = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale
-    s = s.masked_fill(~mask[:, None, None, :], float("-inf"))
-    p = torch.softmax(s, dim=-1)
-    p = torch.nan_to_num(p, nan=0.0)  # rows with no key: softmax of all -inf is NaN -> 0
-    o = torch.einsum("bhqk,bkhd->bqhd", p, v.float())
+    if q.device.type == "cpu" and Lk > 0:
+        used = mask.any(dim=0).nonzero()
+        hi = int(used[-1, 0]) + 1 if used.numel() else 0
+        k, v, mask = k[:, :hi], v[:, :hi], mask[:, :hi]
+    m4 = mask[:, :, None, None]
+    zero = torch.zeros((), dtype=torch.float32, device=q.device)
+    kf = torch.where(m4, k.float(), zero).transpose(1, 2)
+    vf = torch.where(m4, v.float(), zero).transpose(1, 2)
+    if Lq == 0 or kf.shape[2] == 0:
+        return torch.zeros(B, Lq, H, D, dtype=q.dtype, device=q.device)
+    o = torch.nn.functional.scaled_dot_product_attention(
+        q.float().transpose(1, 2), kf, vf, attn_mask=mask[:, None, None, :], scale=scale
+    ).transpose(1, 2)
+    # rows with no attended key are 0 (SDPA may give NaN for an all-masked row)
+    o = torch.where(mask.any(dim=1)[:, None, None, None], o, zero)
     return o.to(q.dtype)
 
 
 def compact_kv(kv: torch.Tensor, keep: torch.Tensor, kv_len: torch.Tensor) -> torch.Tensor:
     """Reference of ``tokentrim.ops.compact_kv``: in place, stable.
 
-    kv [..., B, L, H, D] (any leading dims, e.g. layers and k/v), keep [B, L] bool, kv_len [B] int.
+    kv [..., B, L, H, D] (any leading dims, e.g. layers and k/v), keep [B, L] bool, kv_len [B] int
+    (on CPU a value outside [0, L] raises ``ValueError``; elsewhere it is clamped to [0, L]).
     For each video b the tokens j < kv_len[b] with keep[b, j] move to the front, in order.
     Returns the new lengths [B] int32. Slots at or past the new length hold unspecified values.
     """
     check_compact_inputs(kv, keep, kv_len)
     B, L = keep.shape
+    if kv_len.device.type == "cpu":
+        check_kv_len_range(kv_len, L)
     valid = keep & (torch.arange(L, device=keep.device)[None, :] < kv_len.to(keep.device)[:, None])
     new_len = valid.sum(dim=1).to(torch.int32)
     for b in range(B):
