@@ -151,3 +151,7 @@ def compact_kv(kv, keep, kv_len, backend: str = "auto", check_range: bool = Fals
     if resolve_backend(backend, kv.device) == "triton":
         return _kernel("kv_compact").compact_kv(kv, keep, kv_len)
     return reference.compact_kv(kv, keep, kv_len)
+
+
+# Registers torch.ops.tokentrim.* (at the end: custom_ops calls back into this module).
+from tokentrim import custom_ops as _custom_ops  # noqa: E402, F401

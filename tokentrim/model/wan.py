@@ -50,9 +50,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokentrim import ops
+from tokentrim import ops  # noqa: F401  (registers torch.ops.tokentrim.*)
 from tokentrim.model.config import WanConfig
 from tokentrim.model.rope import apply_rope, rope_cos_sin, rope_tables
+
+tt = torch.ops.tokentrim  # the custom ops (tokentrim.custom_ops): one graph node each
 
 __all__ = ["TextContext", "WanModel", "block_causal_frame_mask", "timestep_sinusoid"]
 
@@ -400,9 +402,9 @@ class WanModel(nn.Module):
             if sink_rope is not None:
                 ck[:, : cache.sink_tokens].copy_(apply_rope(cache.sink_raw[i], *sink_rope))
             if i == 0:  # keep now covers the block; every layer attends under the same mask
-                tiles = ops.attention_tiles(cache.keep, kv_len, backend=self.attention_backend)
-            o = ops.masked_attention(q.to(cdt), ck, cache.v(i), keep=cache.keep, kv_len=kv_len,
-                                     backend=self.attention_backend, tiles=tiles)
+                tiles, count = tt.attention_tiles(cache.keep, kv_len, self.attention_backend)
+            o = tt.masked_attention(q.to(cdt), ck, cache.v(i), cache.keep, kv_len, None, tiles, count,
+                                    self.attention_backend)
             h = block.finish(h, mod, o, ctx.k[i], ctx.v[i])
         return self._unpatchify(self.head(h, e), H, W)
 

@@ -1,0 +1,128 @@
+"""The one place where tokentrim's public ops become torch.library custom ops: ``torch.ops.tokentrim.*``.
+
+Importing this module (``import tokentrim`` does) registers, each with a fake (meta) kernel so that
+``torch.compile(fullgraph=True)``, FakeTensor tracing, CUDA graphs and the meta device see ONE op:
+
+- ``drift_topk(cand, prev, k, ph, pw, backend) -> (drift, topk_idx, severity)``
+- ``attention_tiles(keep, kv_len, backend) -> (tiles, count)``: the kept-tile plan that every
+  layer's ``masked_attention`` of one forward shares (an opaque pair of int32 tensors).
+- ``masked_attention(q, k, v, keep, kv_len, scale, tiles, count, backend) -> o``
+- ``compact_kv(kv!, keep, kv_len, backend) -> new_len`` (mutates ``kv`` in place)
+- the fused model ops of ``tokentrim.fused`` (registered there, through ``register`` below).
+
+Implementation: every op calls the ``tokentrim.ops`` dispatch with its ``backend`` argument
+("auto" by default), so on CUDA tensors the implementation is the Triton launcher, on CPU the
+reference (or a native CPU kernel once ``ops`` prefers it for "auto"), and under
+``TRITON_INTERPRET=1`` with backend "triton" the Triton kernel on CPU tensors. Outputs are always
+fresh, contiguous tensors (custom ops may not return views of their inputs).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from tokentrim import ops
+
+NAMESPACE = "tokentrim"
+DEFAULT_TILE_N = 64  # the plan's tile length when triton is not installed (the reference ignores it)
+
+
+def _fresh(x: Tensor, *inputs: Tensor) -> Tensor:
+    """x as a contiguous tensor that shares no storage with ``inputs``."""
+    if not x.is_contiguous() or any(i is not None and x.untyped_storage().data_ptr() == i.untyped_storage().data_ptr() for i in inputs):
+        return x.clone(memory_format=torch.contiguous_format)
+    return x
+
+
+# --------------------------------------------------------------------------------------- drift
+@torch.library.custom_op(f"{NAMESPACE}::drift_topk", mutates_args=())
+def drift_topk(cand: Tensor, prev: Tensor, k: int, ph: int, pw: int, backend: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
+    """``tokentrim.ops.drift_topk`` without the finite check (a host sync): drift [B,N] fp32,
+    topk_idx [B,k] int64, severity [B] fp32."""
+    d, i, s = ops.drift_topk(cand, prev, k, (ph, pw), backend=backend, check_finite_inputs=False)
+    return _fresh(d), _fresh(i), _fresh(s)
+
+
+@drift_topk.register_fake
+def _(cand, prev, k, ph, pw, backend="auto"):
+    B, _, _, H, W = cand.shape
+    N = (H // ph) * (W // pw)
+    return (
+        cand.new_empty(B, N, dtype=torch.float32),
+        cand.new_empty(B, k, dtype=torch.int64),
+        cand.new_empty(B, dtype=torch.float32),
+    )
+
+
+# ----------------------------------------------------------------------------------- attention
+def tile_n() -> int:
+    """Key tile length of the kept-tile plan (the Triton kernel's ``tile_size()``)."""
+    if ops.triton_available():
+        return ops._kernel("masked_attention").tile_size()
+    return DEFAULT_TILE_N
+
+
+@torch.library.custom_op(f"{NAMESPACE}::attention_tiles", mutates_args=())
+def attention_tiles(keep: Tensor, kv_len: Optional[Tensor], backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """Kept-tile plan (tiles [B, cdiv(Lk, tile_n)] int32, count [B] int32) for ``masked_attention``.
+
+    Computed with the Triton kernel's ``kept_tiles`` when the backend resolves to Triton; zeros
+    otherwise (the reference does not use a plan). Host sync: none.
+    """
+    B, Lk = keep.shape
+    n = -(-Lk // tile_n())
+    plan = ops.attention_tiles(keep, kv_len, backend=backend)
+    if plan is None:
+        return keep.new_zeros(B, n, dtype=torch.int32), keep.new_zeros(B, dtype=torch.int32)
+    return _fresh(plan[0]), _fresh(plan[1])
+
+
+@attention_tiles.register_fake
+def _(keep, kv_len, backend="auto"):
+    B, Lk = keep.shape
+    n = -(-Lk // tile_n())
+    return keep.new_empty(B, n, dtype=torch.int32), keep.new_empty(B, dtype=torch.int32)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::masked_attention", mutates_args=())
+def masked_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    keep: Optional[Tensor] = None,
+    kv_len: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+    tiles: Optional[Tensor] = None,
+    count: Optional[Tensor] = None,
+    backend: str = "auto",
+) -> Tensor:
+    """``tokentrim.ops.masked_attention``: o [B,Lq,H,D] in q's dtype. ``tiles``/``count``: the plan
+    from ``attention_tiles`` under the same keep/kv_len (both or neither). Host sync: none."""
+    if (tiles is None) != (count is None):
+        raise ValueError("tiles and count must be given together (the pair from attention_tiles)")
+    plan = None if tiles is None else (tiles, count)
+    o = ops.masked_attention(q, k, v, keep=keep, kv_len=kv_len, scale=scale, backend=backend, tiles=plan)
+    return _fresh(o, q, k, v)
+
+
+@masked_attention.register_fake
+def _(q, k, v, keep=None, kv_len=None, scale=None, tiles=None, count=None, backend="auto"):
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+
+# ---------------------------------------------------------------------------------- compaction
+@torch.library.custom_op(f"{NAMESPACE}::compact_kv", mutates_args=("kv",))
+def compact_kv(kv: Tensor, keep: Tensor, kv_len: Tensor, backend: str = "auto") -> Tensor:
+    """``tokentrim.ops.compact_kv``: compacts ``kv`` in place, returns new_len [B] int32."""
+    return _fresh(ops.compact_kv(kv, keep, kv_len, backend=backend), kv_len)
+
+
+@compact_kv.register_fake
+def _(kv, keep, kv_len, backend="auto"):
+    return kv_len.new_empty(kv_len.shape, dtype=torch.int32)
+
+
+__all__ = ["NAMESPACE", "attention_tiles", "compact_kv", "drift_topk", "masked_attention", "tile_n"]
