@@ -1,14 +1,18 @@
 """Pieces shared by the Self Forcing and Rolling Forcing loops: results, noise, model facts, TokenTrim.
 
-Noise: every block ``b`` draws all of its Gaussian noise (the initial noise and one tensor per
-re-noising) from its own CPU ``torch.Generator`` seeded with ``block_seed(seed, b, attempt)``, in
-float32, then moves it to the model's device. So a block's noise does not depend on the device,
-on what earlier blocks did (regenerations, detection) or on the batch size of other calls, and a
-regeneration with ``same_noise`` reuses exactly the tensors of the first attempt.
+Noise: every video ``v`` of a batch draws all of block ``b``'s Gaussian noise (the initial noise and
+one tensor per re-noising) from its own CPU ``torch.Generator`` seeded with
+``block_seed(seed, b, attempt, video=video_offset + v)``, in float32, then moves it to the model's
+device. So a video's noise does not depend on the device, on the batch it runs in (video 0 of a
+batch of 2 gets the noise of the same seed run alone), on what earlier blocks did (regenerations,
+detection), and a regeneration with ``same_noise`` reuses exactly the tensors of the first attempt.
+``video_offset`` is the job-level index of the batch's first video (data parallel: each rank passes
+the index of its first video in the whole job, so a video's noise is the same whatever the split).
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass, field
 
@@ -58,15 +62,28 @@ def pixel_frames(latent_frames: int) -> int:
     return max(0, 4 * latent_frames - 3)
 
 
-def block_seed(seed: int, block: int, attempt: int = 0) -> int:
-    """Seed of block ``block``'s generator (``attempt`` > 0: fresh noise for a regeneration)."""
-    return (seed * 1_000_003 + block * 7_919 + attempt * 104_729) % (2**63 - 1)
+def block_seed(seed: int, block: int, attempt: int = 0, video: int = 0) -> int:
+    """Seed in [0, 2**63) of the generator of video ``video`` (its index in the job) in block
+    ``block`` (``attempt`` > 0: fresh noise for a regeneration): a 64-bit BLAKE2b hash of the four
+    integers, so distinct tuples get unrelated streams and any size of ``seed`` is accepted."""
+    key = f"tokentrim-noise:{int(seed)}:{int(video)}:{int(block)}:{int(attempt)}".encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
 
 
-def block_noise(seed: int, block: int, count: int, shape, device, attempt: int = 0) -> torch.Tensor:
-    """[count, *shape] float32 standard normal noise of one block, drawn on the CPU, on ``device``."""
-    gen = torch.Generator(device="cpu").manual_seed(block_seed(seed, block, attempt))
-    return torch.randn((count, *shape), generator=gen, dtype=torch.float32).to(device)
+def block_noise(seed: int, block: int, count: int, shape, device, attempt: int = 0,
+                video_offset: int = 0) -> torch.Tensor:
+    """[count, *shape] float32 standard normal noise of one block, drawn on the CPU, on ``device``.
+
+    ``shape[0]`` is the batch B: video ``v`` draws its [count, *shape[1:]] slice from its own
+    generator seeded ``block_seed(seed, block, attempt, video_offset + v)`` (batch invariance).
+    """
+    check_int("video_offset", video_offset, 0)
+    B, per_video = int(shape[0]), (count, *shape[1:])
+    out = torch.empty((count, B, *shape[1:]), dtype=torch.float32)
+    for v in range(B):
+        gen = torch.Generator(device="cpu").manual_seed(block_seed(seed, block, attempt, video_offset + v))
+        out[:, v] = torch.randn(per_video, generator=gen, dtype=torch.float32)
+    return out.to(device)
 
 
 def check_steps(name: str, steps) -> tuple[int, ...]:
@@ -289,7 +306,8 @@ class RolloutBase:
         """The ``TokenTrimController`` of the last run (None when TokenTrim is off)."""
         return None if self.hook is None else self.hook.controller
 
-    def run(self, text, num_blocks: int, height: int, width: int, seed: int = 0, progress: bool = False) -> RolloutResult:
+    def run(self, text, num_blocks: int, height: int, width: int, seed: int = 0, progress: bool = False,
+            video_offset: int = 0) -> RolloutResult:
         """Generate ``num_blocks`` blocks; returns latents [B, num_blocks*block_frames, C, H, W] f32 (CPU).
 
         Args:
@@ -298,8 +316,11 @@ class RolloutBase:
             height, width: latent size (multiples of the model's spatial patch).
             seed: noise seed.
             progress: show a tqdm bar per block.
+            video_offset: job-level index of this batch's first video: video ``v`` draws its noise
+                from a generator seeded by (seed, video_offset + v), so a video's result does not
+                depend on the batch it runs in (data parallel: pass each rank's first index).
         """
-        it = self.iter_blocks(text, num_blocks, height, width, seed=seed)
+        it = self.iter_blocks(text, num_blocks, height, width, seed=seed, video_offset=video_offset)
         if progress:
             from tqdm import tqdm
 
@@ -309,5 +330,5 @@ class RolloutBase:
         return RolloutResult(latents, list(self.recorder.records), self.recorder.timings(latents.shape[1]),
                              windows=list(self.windows))
 
-    def iter_blocks(self, text, num_blocks: int, height: int, width: int, seed: int = 0):
+    def iter_blocks(self, text, num_blocks: int, height: int, width: int, seed: int = 0, video_offset: int = 0):
         raise NotImplementedError

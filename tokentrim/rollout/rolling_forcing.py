@@ -52,7 +52,7 @@ Upstream fidelity (TencentARC/RollingForcing ``pipeline/rolling_forcing_inferenc
   blocks, the window's K/V being concatenated on the fly; here the window cache (21 frames) holds
   the window's K/V while it runs and the refresh cache (21 frames) the refresh context. Upstream
   draws fresh noise from the global RNG and keeps latents in bf16 (x0 cast back to the model
-  dtype); here per-block generators (``common.block_noise``) and float32 latents between windows
+  dtype); here per-block, per-video generators (``common.block_noise``) and float32 latents between windows
   (x0 and re-noising in float64), the model sees them in its own dtype.
 
 TokenTrim: each finished block (b >= 1) is the candidate, judged against the previous finished
@@ -63,8 +63,8 @@ same, so ``same_noise`` changes nothing here; ``detect_step`` is not used: the c
 always the finished x0). Flagged videos take the whole regenerated window (the finished block
 and the re-noised rest).
 
-Noise: block b draws S tensors from its own generator (``common.block_noise``): the initial
-noise and the re-noising noise of levels 1..S-1.
+Noise: each video of block b draws S tensors from its own generator (``common.block_noise``,
+seeded by (seed, video index, block)): the initial noise and the re-noising noise of levels 1..S-1.
 """
 
 from __future__ import annotations
@@ -172,12 +172,14 @@ class RollingForcingRollout(RolloutBase):
     config_class = RollingForcingConfig
     name = "rolling-forcing"
 
-    def iter_blocks(self, text, num_blocks: int, height: int, width: int, seed: int = 0) -> Iterator[BlockOutput]:
+    def iter_blocks(self, text, num_blocks: int, height: int, width: int, seed: int = 0,
+                    video_offset: int = 0) -> Iterator[BlockOutput]:
         """Yield each block when it finishes (window ``b + S - 1``): ``BlockOutput(index, latents
         [B, block_frames, C, H, W] f32 on the model's device, record)``; the record's ``windows``
         lists the window forwards since the previous block (start-up windows go to block 0)."""
         check_int("num_blocks", num_blocks, 1)
         check_int("seed", seed, 0)
+        check_int("video_offset", video_offset, 0)
         cfg, facts = self.config, self.facts
         tpf = facts.tokens_per_frame(height, width)
         ctx, batch = prepare_text(self.model, text)
@@ -204,7 +206,7 @@ class RollingForcingRollout(RolloutBase):
             for w in range(num_blocks + S - 1):
                 first, last = max(0, w - S + 1), min(num_blocks - 1, w)
                 if w < num_blocks:
-                    noise[w] = block_noise(seed, w, S, shape, facts.device)
+                    noise[w] = block_noise(seed, w, S, shape, facts.device, video_offset=video_offset)
                     state[w] = noise[w][0]
                 blocks = list(range(first, last + 1))
                 levels = [w - b for b in blocks]

@@ -31,7 +31,7 @@ Upstream fidelity (guandeh17/Self-Forcing ``pipeline/causal_inference.py``
 - deliberate: upstream keeps latents in bf16 (noise drawn in bf16, x0 cast back to the model
   dtype before re-noising); here latents stay float32 between steps (x0 and re-noising in float64)
   and the model sees them in its own dtype. Upstream draws fresh noise from the global RNG; here
-  per-block generators (``common.block_noise``). Upstream's default cache holds 21 frames with no
+  per-block, per-video generators (``common.block_noise``). Upstream's default cache holds 21 frames with no
   eviction (``local_attn_size=-1``, ``sink_size=0``: 7 blocks at most); past ``cache_frames`` this
   rollout keeps ``sink_frames`` and rolls the rest (upstream's optional local attention + sink),
   identical to upstream up to 21 frames.
@@ -113,11 +113,13 @@ class SelfForcingRollout(RolloutBase):
     config_class = SelfForcingConfig
     name = "self-forcing"
 
-    def iter_blocks(self, text, num_blocks: int, height: int, width: int, seed: int = 0) -> Iterator[BlockOutput]:
+    def iter_blocks(self, text, num_blocks: int, height: int, width: int, seed: int = 0,
+                    video_offset: int = 0) -> Iterator[BlockOutput]:
         """Yield each block as soon as it is accepted: ``BlockOutput(index, latents [B, block_frames, C,
         H, W] f32 on the model's device, record)``. Same arguments as ``run``."""
         check_int("num_blocks", num_blocks, 1)
         check_int("seed", seed, 0)
+        check_int("video_offset", video_offset, 0)
         tpf = self.facts.tokens_per_frame(height, width)
         ctx, batch = prepare_text(self.model, text)
         cfg, facts = self.config, self.facts
@@ -127,6 +129,7 @@ class SelfForcingRollout(RolloutBase):
         self.recorder = BlockRecorder(facts.device)
         self._shape = (batch, cfg.block_frames, facts.channels, height, width)
         self._seed = seed
+        self._video_offset = video_offset
         prev = None
         with torch.no_grad():
             for b in range(num_blocks):
@@ -151,7 +154,8 @@ class SelfForcingRollout(RolloutBase):
 
     def _noise(self, b: int, attempt: int = 0) -> torch.Tensor:
         """[S, B, F, C, H, W]: initial noise, then one tensor per re-noising."""
-        return block_noise(self._seed, b, len(self.timesteps), self._shape, self.facts.device, attempt)
+        return block_noise(self._seed, b, len(self.timesteps), self._shape, self.facts.device, attempt,
+                           video_offset=self._video_offset)
 
     def _t(self, value: float) -> torch.Tensor:
         B, F = self._shape[:2]
