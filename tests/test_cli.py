@@ -65,3 +65,200 @@ def test_help_lists_every_trim_field(capsys):
     for f in fields(TokenTrimConfig):
         flag = "--trim" if f.name == "enabled" else "--trim-" + f.name.replace("_", "-")
         assert flag in text, flag
+
+
+# ------------------------------------------------------------------ nothing finished is lost
+SMALL = ["--height", "4", "--width", "4", "--no-progress"]
+
+
+def _interrupt_after(monkeypatch, n, snapshot=None):
+    """Ctrl-C once ``n`` blocks have been saved; ``snapshot(partial_folder)`` sees the folder first."""
+    from tokentrim.rollout_out import RolloutOutput
+
+    add = RolloutOutput.add
+
+    def add_then_interrupt(self, index, latents, record):
+        add(self, index, latents, record)
+        if len(self.records) == n:
+            if snapshot is not None:
+                snapshot(self.partial)
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(RolloutOutput, "add", add_then_interrupt)
+
+
+def test_rollout_interrupted_keeps_finished_blocks(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["rollout", "--blocks", "2", "--out", str(out), "--seed", "1", *SMALL]) == 0
+    full = torch.load(out / "latents.pt", weights_only=True)
+    seen = {}
+
+    def snapshot(partial):  # what a SIGKILL at this point would leave on disk
+        seen["files"] = sorted(p.name for p in partial.iterdir())
+        seen["json"] = json.loads((partial / "telemetry.json").read_text())
+        seen["block1"] = torch.load(partial / "block_000001.pt", weights_only=True)
+
+    _interrupt_after(monkeypatch, 2, snapshot)
+    assert cli.main(["rollout", "--blocks", "3", "--out", str(out), "--seed", "1", *SMALL]) == cli.EXIT_INTERRUPTED
+    assert "2 finished block(s) of 3 saved" in capsys.readouterr().err
+    assert seen["files"] == ["block_000000.pt", "block_000001.pt", "telemetry.json"]
+    assert seen["json"]["meta"]["status"] == "running" and len(seen["json"]["blocks"]) == 2
+    torch.testing.assert_close(seen["block1"], full[:, 3:6], rtol=0, atol=0)
+    # the finished run's files are not replaced by the partial ones
+    torch.testing.assert_close(torch.load(out / "latents.pt", weights_only=True), full, rtol=0, atol=0)
+    assert json.loads((out / "telemetry.json").read_text())["meta"]["status"] == "complete"
+    part = torch.load(out / "latents.interrupted.pt", weights_only=True)
+    torch.testing.assert_close(part, full, rtol=0, atol=0)
+    tele = json.loads((out / "telemetry.interrupted.json").read_text())
+    assert tele["meta"]["status"] == "interrupted" and len(tele["blocks"]) == 2
+    assert tele["meta"]["latents"] == "latents.interrupted.pt"
+    assert (out / "telemetry.interrupted.png").is_file()
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("partial")) == []
+
+
+def test_rollout_interrupted_into_an_empty_folder(tmp_path, monkeypatch):
+    _interrupt_after(monkeypatch, 1)
+    out = tmp_path / "fresh"
+    assert cli.main(["rollout", "--blocks", "4", "--out", str(out), *SMALL]) == cli.EXIT_INTERRUPTED
+    assert torch.load(out / "latents.pt", weights_only=True).shape == (1, 3, 16, 4, 4)
+    assert json.loads((out / "telemetry.json").read_text())["meta"]["status"] == "interrupted"
+    assert sorted(p.name for p in out.iterdir()) == ["latents.pt", "telemetry.json", "telemetry.png"]
+
+
+def test_rollout_second_ctrl_c_during_cleanup_loses_nothing(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from tokentrim import telemetry
+
+    plot = telemetry.plot
+
+    def plot_with_ctrl_c(*a, **k):
+        os.kill(os.getpid(), signal.SIGINT)  # arrives in the middle of writing the outputs
+        return plot(*a, **k)
+
+    monkeypatch.setattr(telemetry, "plot", plot_with_ctrl_c)
+    out = tmp_path / "run"
+    assert cli.main(["rollout", "--blocks", "1", "--out", str(out), *SMALL]) == cli.EXIT_INTERRUPTED
+    assert sorted(p.name for p in out.iterdir()) == ["latents.pt", "telemetry.json", "telemetry.png"]
+
+
+def test_rollout_checks_out_before_computing(tmp_path, monkeypatch, capsys):
+    from tokentrim.rollout import SelfForcingRollout
+
+    def no_compute(*a, **k):
+        raise AssertionError("computed before checking --out")
+
+    monkeypatch.setattr(SelfForcingRollout, "iter_blocks", no_compute)
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    for out, msg in ((a_file, "is not a directory"), (a_file / "sub", "cannot create")):
+        with pytest.raises(SystemExit) as e:
+            cli.main(["rollout", "--out", str(out), *SMALL])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert msg in err and "Traceback" not in err
+
+
+def test_rollout_refuses_a_second_run_to_the_same_out(tmp_path, capsys):
+    from tokentrim.safeio import OutputLock
+
+    out = tmp_path / "run"
+    with OutputLock(out), pytest.raises(SystemExit) as e:
+        cli.main(["rollout", "--out", str(out), *SMALL])
+    assert e.value.code == 2 and "another tokentrim run is writing" in capsys.readouterr().err
+    assert cli.main(["rollout", "--blocks", "1", "--out", str(out), *SMALL]) == 0  # released
+
+
+def test_rollout_frame_limit_is_checked_before_computing(tmp_path, capsys):
+    from tokentrim.model import rope
+
+    try:
+        rope._frame_positions(1100, 1, "cpu")
+    except ValueError:
+        pass
+    else:
+        pytest.skip("the model has no frame-position limit any more")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["rollout", "--blocks", "342", "--out", str(tmp_path / "o"), *SMALL])
+    assert e.value.code == 2 and "--blocks 342 (1026 latent frames)" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ no tracebacks for user mistakes
+def _tiny_safetensors(path):
+    from safetensors.torch import save_file
+
+    from tokentrim.model import WanConfig, WanModel
+
+    model = WanModel(WanConfig.preset("tiny"), dtype=torch.float32, device="cpu")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory):
+    return _tiny_safetensors(tmp_path_factory.mktemp("ckpt") / "diffusion_pytorch_model.safetensors")
+
+
+def _exit_2(argv, tmp_path, capsys) -> str:
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv + ["--out", str(tmp_path / "out"), *SMALL])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("tokentrim rollout: error: "), err
+    return err.strip().splitlines()[-1]
+
+
+def test_rollout_bad_checkpoints_exit_2(tmp_path, capsys, tiny_weights):
+    import shutil
+
+    data = tiny_weights.read_bytes()
+    trunc = tmp_path / "trunc.safetensors"
+    trunc.write_bytes(data[: len(data) // 2])
+    assert "--checkpoint" in _exit_2(["rollout", "--checkpoint", str(trunc), "--preset", "tiny"], tmp_path, capsys)
+
+    lfs = tmp_path / "lfs"
+    lfs.mkdir()
+    (lfs / "diffusion_pytorch_model.safetensors").write_text(
+        "version https://git-lfs.github.com/spec/v1\noid sha256:0123\nsize 1234\n")
+    assert "git-lfs pointer" in _exit_2(["rollout", "--checkpoint", str(lfs), "--preset", "tiny"], tmp_path, capsys)
+
+    listed = tmp_path / "list"
+    listed.mkdir()
+    (listed / "diffusion_pytorch_model.safetensors.index.json").write_text("[1, 2]")
+    err = _exit_2(["rollout", "--checkpoint", str(listed), "--preset", "tiny"], tmp_path, capsys)
+    assert "weight_map" in err
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.copy(tiny_weights, tmp_path / "x.safetensors")  # a readable file outside the folder
+    names = list(__import__("safetensors").safe_open(str(tiny_weights), "pt").keys())
+    (outside / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {n: "../x.safetensors" for n in names}}))
+    err = _exit_2(["rollout", "--checkpoint", str(outside), "--preset", "tiny"], tmp_path, capsys)
+    assert "outside the folder" in err and "refused" in err
+
+
+def test_rollout_bad_seed_and_text_exit_2(tmp_path, capsys):
+    import pickle
+
+    from tokentrim.model import WanConfig
+
+    for seed in (str(2**63), str(2**64)):
+        assert "--seed: expected an integer in [0, 9223372036854775807]" in _exit_2(
+            ["rollout", "--seed", seed], tmp_path, capsys)
+    cfg = WanConfig.preset("tiny")
+    long = tmp_path / "long.pt"
+    torch.save(torch.randn(1, cfg.text_len + 1, cfg.text_dim), long)
+    assert f"text_len={cfg.text_len}" in _exit_2(["rollout", "--text-embeddings", str(long)], tmp_path, capsys)
+    pkl = tmp_path / "text.pkl"
+    pkl.write_bytes(pickle.dumps({"not": "a tensor", "obj": object}))
+    assert "--text-embeddings" in _exit_2(["rollout", "--text-embeddings", str(pkl)], tmp_path, capsys)
+    ints = tmp_path / "ints.pt"
+    torch.save(torch.zeros(1, 4, cfg.text_dim, dtype=torch.long), ints)
+    assert "floating-point" in _exit_2(["rollout", "--text-embeddings", str(ints)], tmp_path, capsys)
+
+
+def test_rollout_trim_patch_mismatch_exit_2(tmp_path, capsys):
+    err = _exit_2(["rollout", "--trim-patch", "4", "4", "--trim-force", "always"], tmp_path, capsys)
+    assert "--trim-patch 4 4 does not match the model's spatial patch (2, 2)" in err

@@ -104,6 +104,19 @@ def test_missing_shard_of_an_index_is_reported(wan_dir, tmp_path):
         video.check_model_dir(broken)
 
 
+def test_bad_shard_indexes_are_reported_never_followed(wan_dir, tmp_path):
+    broken = tmp_path / "idx"
+    shutil.copytree(wan_dir, broken)
+    index = broken / "vae" / "diffusion_pytorch_model.safetensors.index.json"
+    index.write_text("[1, 2]")
+    with pytest.raises(video.ModelFolderError, match="unreadable shard index"):
+        video.check_model_dir(broken)
+    (tmp_path / "elsewhere.safetensors").write_bytes(b"x")
+    index.write_text(json.dumps({"weight_map": {"a": "../../elsewhere.safetensors"}}))
+    with pytest.raises(video.ModelFolderError, match="outside the folder"):
+        video.check_model_dir(broken)
+
+
 def test_generate_reports_folder_errors(wan_dir, tmp_path, capsys):
     assert run(tmp_path / "missing", tmp_path / "a.mp4", "--prompt", "x", "--blocks", "1") == gen.EXIT_USAGE
     assert "does not exist" in capsys.readouterr().err
@@ -328,3 +341,64 @@ def test_interrupted_run_keeps_the_finished_blocks(wan_dir, tmp_path):
     assert tele["meta"]["status"].startswith("failed: OutOfMemoryError") and len(tele["blocks"]) == 1
     # the first frames are those of the uninterrupted run of the same seed (streaming loses nothing)
     assert (decode_mp4(out2).float() - decode_mp4(out)[:9].float()).abs().mean() < 1.0
+
+
+# ------------------------------------------------------------------ no tracebacks for user mistakes
+def _no_model_load(monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(gen, "load_transformer", refuse)
+
+
+def test_argument_and_output_errors_come_before_loading(wan_dir, tmp_path, capsys, monkeypatch):
+    _no_model_load(monkeypatch)
+    out = tmp_path / "a.mp4"
+    cases = [
+        (["--trim-detect-step", "9"], "--trim-detect-step"),
+        (["--trim-patch", "3", "3"], "--trim-patch 3 3 does not match the model's spatial patch (2, 2)"),
+        (["--seed", str(2**63)], "--seed must be in [0, 2**63 - 1]"),
+    ]
+    for extra, msg in cases:
+        assert run(wan_dir, out, "--prompt", "x", "--blocks", "1", *extra) == gen.EXIT_USAGE
+        assert msg in capsys.readouterr().err
+    (tmp_path / "dir.mp4").mkdir()
+    assert run(wan_dir, tmp_path / "dir.mp4", "--prompt", "x", "--blocks", "1") == gen.EXIT_USAGE
+    assert "is a directory" in capsys.readouterr().err
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where a folder should be")
+    assert run(wan_dir, blocker / "a.mp4", "--prompt", "x", "--blocks", "1") == gen.EXIT_USAGE
+    assert "not a directory" in capsys.readouterr().err
+    (tmp_path / "a.json").mkdir()  # the telemetry JSON could not be written
+    assert run(wan_dir, out, "--prompt", "x", "--blocks", "1") == gen.EXIT_USAGE
+    assert "a.json' is a directory" in capsys.readouterr().err
+    prompts_dir = tmp_path / "prompts"
+    prompts_dir.mkdir()
+    assert run(wan_dir, out, "--prompts", str(prompts_dir)) == gen.EXIT_USAGE
+    assert "is a directory" in capsys.readouterr().err
+    binary = tmp_path / "prompts.bin"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe")
+    assert run(wan_dir, out, "--prompts", str(binary)) == gen.EXIT_USAGE
+    assert "not a UTF-8 text file" in capsys.readouterr().err
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("what,msg", [
+    ("vae/diffusion_pytorch_model.safetensors", "cannot load the VAE"),
+    ("transformer/diffusion_pytorch_model.safetensors", "cannot load the transformer"),
+    ("tokenizer/tokenizer.json", "cannot load the tokenizer"),
+])
+def test_broken_model_files_exit_2(wan_dir, tmp_path, capsys, what, msg):
+    broken = tmp_path / "broken"
+    shutil.copytree(wan_dir, broken)
+    _truncate(broken / what)
+    out = tmp_path / "a.mp4"
+    assert run(broken, out, "--prompt", "x", "--blocks", "1") == gen.EXIT_USAGE
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "tokentrim generate: error:" in line]
+    assert "Traceback" not in err and len(lines) == 1 and msg in lines[0], err
+    assert not list(tmp_path.glob("*.mp4"))

@@ -20,17 +20,19 @@ PIPELINES = ("self-forcing", "rolling-forcing")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-def _int_at_least(minimum: int):
-    """argparse type: an int >= ``minimum``, with a message naming the bound."""
+def _int_at_least(minimum: int, maximum: int | None = None):
+    """argparse type: an int >= ``minimum`` (and <= ``maximum``), with a message naming the bounds."""
 
     want = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+    if maximum is not None:
+        want = f"an integer in [{minimum}, {maximum}]"
 
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}") from None
-        if value < minimum:
+        if value < minimum or (maximum is not None and value > maximum):
             raise argparse.ArgumentTypeError(f"expected {want}, got {value}")
         return value
 
@@ -39,6 +41,8 @@ def _int_at_least(minimum: int):
 
 _positive_int = _int_at_least(1)
 _nonneg_int = _int_at_least(0)
+_seed_int = _int_at_least(0, 2**63 - 1)  # torch generators take a signed 64-bit seed
+EXIT_INTERRUPTED = 130
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -86,7 +90,7 @@ def add_rollout_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--width", type=_positive_int, default=None,
                    help="latent width (default 16; 104 = 832 px with the 1.3B preset)")
     g.add_argument("--batch", type=_positive_int, default=1, help="videos generated together")
-    g.add_argument("--seed", type=_nonneg_int, default=0, help="noise (and random weights/text) seed")
+    g.add_argument("--seed", type=_seed_int, default=0, help="noise (and random weights/text) seed")
     g.add_argument("--cache-frames", type=_positive_int, default=21,
                    help="Self Forcing KV cache capacity in latent frames (longer rollouts evict)")
     g.add_argument("--sink-frames", type=_nonneg_int, default=3,
@@ -142,6 +146,12 @@ def _resolve(args, parser):
         parser.error(f"--text-embeddings {args.text_embeddings!r} is not a file")
     if args.pipeline == "rolling-forcing" and args.sink_frames < 1:
         parser.error("--sink-frames must be >= 1 for --pipeline rolling-forcing")
+    from tokentrim.safeio import check_output_dir
+
+    try:
+        check_output_dir(args.out, "--out")
+    except ValueError as e:
+        parser.error(str(e))
     try:
         trim = TokenTrimConfig.from_cli_args(args)
     except (TypeError, ValueError) as e:
@@ -167,69 +177,148 @@ def _make_rollout(args, parser, model, trim):
         parser.error(str(e))
 
 
-def run_rollout(args) -> int:
-    """Handler of ``tokentrim rollout``; returns the exit code."""
+def _load_text(args, parser, cfg):
+    """--text-embeddings checked up front: a [B, Lt, text_dim] float tensor, 1 <= Lt <= text_len."""
     import torch
 
-    from tokentrim import telemetry
-    from tokentrim.model import WanConfig, WanModel, load_wan
+    from tokentrim.safeio import LOAD_ERRORS, describe
 
-    parser = args._parser
-    device, dtype, preset, trim = _resolve(args, parser)
-    torch.manual_seed(args.seed)
-    if args.checkpoint is not None:
-        try:
-            model = load_wan(args.checkpoint, config=args.preset, dtype=dtype, device=device)
-        except (OSError, ValueError) as e:
-            parser.error(f"--checkpoint: {e}")
-    else:
-        model = WanModel(WanConfig.preset(preset), dtype=dtype, device=device).eval()
-    cfg = model.config
-    if args.text_embeddings is not None:
+    try:
         text = torch.load(args.text_embeddings, map_location="cpu", weights_only=True)
-        if not isinstance(text, torch.Tensor) or text.dim() != 3 or text.shape[2] != cfg.text_dim:
-            parser.error(f"--text-embeddings must hold a [B, Lt, {cfg.text_dim}] tensor, got "
-                         f"{tuple(text.shape) if isinstance(text, torch.Tensor) else type(text).__name__}")
-        if text.shape[0] == 1 and args.batch > 1:
-            text = text.expand(args.batch, -1, -1)
-        if text.shape[0] != args.batch:
-            parser.error(f"--text-embeddings batch {text.shape[0]} does not match --batch {args.batch}")
-    else:
-        gen = torch.Generator().manual_seed(args.seed)
-        text = torch.randn(args.batch, cfg.text_len, cfg.text_dim, generator=gen)
-    rollout = _make_rollout(args, parser, model, trim)
+    except LOAD_ERRORS as e:
+        parser.error(f"--text-embeddings {args.text_embeddings!r}: cannot read it as a tensor saved with "
+                     f"torch.save (only plain tensors are loaded, never arbitrary pickles): {describe(e)}")
+    if not isinstance(text, torch.Tensor) or text.dim() != 3 or text.shape[2] != cfg.text_dim:
+        parser.error(f"--text-embeddings must hold a [B, Lt, {cfg.text_dim}] tensor, got "
+                     f"{tuple(text.shape) if isinstance(text, torch.Tensor) else type(text).__name__}")
+    if not 1 <= text.shape[1] <= cfg.text_len:
+        parser.error(f"--text-embeddings has Lt={text.shape[1]} text tokens; the model takes 1 to "
+                     f"text_len={cfg.text_len}")
+    if not text.is_floating_point():
+        parser.error(f"--text-embeddings must be a floating-point tensor, got {text.dtype}")
+    if text.shape[0] == 1 and args.batch > 1:
+        text = text.expand(args.batch, -1, -1)
+    if text.shape[0] != args.batch:
+        parser.error(f"--text-embeddings batch {text.shape[0]} does not match --batch {args.batch}")
+    return text
+
+
+def _check_limits(args, parser, rollout, model, trim) -> None:
+    """What would stop the run midway, checked before the first block: the latent size, TokenTrim's
+    patch against the model's, and the frame positions the model can encode."""
+    cfg = model.config
     try:
         cfg.tokens_per_frame(args.height, args.width)
     except ValueError as e:
         parser.error(str(e))
-    result = rollout.run(text.to(device), args.blocks, args.height, args.width, seed=args.seed, progress=args.progress)
+    patch = getattr(trim, "patch", None)
+    if trim.enabled and patch is not None and tuple(patch) != tuple(cfg.patch_size[1:]):
+        parser.error(f"--trim-patch {patch[0]} {patch[1]} does not match the model's spatial patch "
+                     f"{tuple(cfg.patch_size[1:])}: TokenTrim's token grid must be the model's")
+    from tokentrim.model import rope
 
-    os.makedirs(args.out, exist_ok=True)
-    latents_path = os.path.join(args.out, "latents.pt")
-    torch.save(result.latents, latents_path)
-    meta = {
-        "pipeline": args.pipeline,
-        "preset": None if args.checkpoint else preset,
-        "checkpoint": args.checkpoint,
-        "device": str(device),
-        "dtype": str(dtype).replace("torch.", ""),
-        "blocks": args.blocks,
-        "latent_size": [args.height, args.width],
-        "batch": args.batch,
-        "seed": args.seed,
-        "trim": trim.to_dict(),
-        "timings": result.timings,
-        "summary": rollout.controller.summary() if rollout.controller is not None else None,
-    }
-    json_path = telemetry.save_json(result.records, os.path.join(args.out, "telemetry.json"), meta)
-    png_path = telemetry.plot(result.records, os.path.join(args.out, "telemetry.png"),
-                              title=f"{args.pipeline}: TokenTrim {'on' if trim.enabled else 'off'}")
-    t = result.timings
-    regen = sum(r.get("num_regenerations") or 0 for r in result.records)
+    frames = args.blocks * int(getattr(rollout.config, "block_frames", 3))
+    check = getattr(rope, "_frame_positions", None)  # the check the model itself runs per forward
+    if check is not None:
+        try:
+            check(frames - 1, 1, "cpu")
+        except ValueError as e:
+            parser.error(f"--blocks {args.blocks} ({frames} latent frames): {e}")
+
+
+def run_rollout(args) -> int:
+    """Handler of ``tokentrim rollout``; returns the exit code (0 done, 2 usage error, 130
+    interrupted: the finished blocks are saved)."""
+    import torch
+
+    from tokentrim.model import WanConfig, WanModel, load_wan
+    from tokentrim.rollout_out import RolloutOutput
+    from tokentrim.safeio import LOAD_ERRORS, OutputLock, describe
+
+    parser = args._parser
+    device, dtype, preset, trim = _resolve(args, parser)
+    lock = OutputLock(args.out)
+    try:
+        lock.acquire()
+    except ValueError as e:
+        parser.error(str(e))
+    try:
+        torch.manual_seed(args.seed)
+        if args.checkpoint is not None:
+            try:
+                model = load_wan(args.checkpoint, config=args.preset, dtype=dtype, device=device)
+            except LOAD_ERRORS as e:
+                parser.error(f"--checkpoint: {describe(e)}")
+        else:
+            model = WanModel(WanConfig.preset(preset), dtype=dtype, device=device).eval()
+        cfg = model.config
+        if args.text_embeddings is not None:
+            text = _load_text(args, parser, cfg)
+        else:
+            gen = torch.Generator().manual_seed(args.seed)
+            text = torch.randn(args.batch, cfg.text_len, cfg.text_dim, generator=gen)
+        rollout = _make_rollout(args, parser, model, trim)
+        _check_limits(args, parser, rollout, model, trim)
+        meta = {
+            "pipeline": args.pipeline,
+            "preset": None if args.checkpoint else preset,
+            "checkpoint": args.checkpoint,
+            "device": str(device),
+            "dtype": str(dtype).replace("torch.", ""),
+            "blocks": args.blocks,
+            "latent_size": [args.height, args.width],
+            "batch": args.batch,
+            "seed": args.seed,
+            "trim": trim.to_dict(),
+        }
+        return _stream(args, rollout, text.to(device), RolloutOutput(args.out, meta), trim)
+    finally:
+        lock.release()
+
+
+def _stream(args, rollout, text, output, trim) -> int:
+    from tokentrim.safeio import sigterm_as_interrupt
+
+    status, error = "complete", None
+    it = rollout.iter_blocks(text, args.blocks, args.height, args.width, seed=args.seed)
+    bar = None
+    if args.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=args.blocks, desc=rollout.name, unit="block")
+    try:
+        with sigterm_as_interrupt():
+            for out in it:
+                output.add(out.index, out.latents, out.record)
+                if bar is not None:
+                    bar.update(1)
+    except KeyboardInterrupt:
+        status = "interrupted"
+    except BaseException as e:
+        status, error = f"failed: {type(e).__name__}: {e}", e
+    finally:
+        if bar is not None:
+            bar.close()
+        it.close()
+        timings = rollout.recorder.timings(output.frames) if rollout.recorder is not None else None
+        summary = rollout.controller.summary() if rollout.controller is not None else None
+        written = output.finish(status, {"timings": timings, "summary": summary},
+                                title=f"{args.pipeline}: TokenTrim {'on' if trim.enabled else 'off'}")
+    if error is not None:
+        raise error
+    if output.deferred_signal is not None and status == "complete":
+        status = "interrupted"
+    files = ", ".join(str(p) for p in written.values())
+    if status != "complete":
+        print(f"{args.pipeline}: interrupted: {len(output.records)} finished block(s) of {args.blocks} saved"
+              f"{' to ' + files if files else ' (none had finished)'}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    t = timings
+    regen = sum(r.get("num_regenerations") or 0 for r in output.records)
     print(f"{args.pipeline}: {t['latent_frames']} latent frames in {t['total_s']:.2f} s "
           f"({t['latent_fps']:.2f} latent frames/s, {t['pixel_fps']:.2f} pixel frames/s), "
           f"{regen} regeneration(s)")
-    print(f"wrote {latents_path}, {json_path}, {png_path}")
+    print(f"wrote {files}")
     return 0
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from tokentrim.config import TokenTrimConfig
+from tokentrim.safeio import LOAD_ERRORS, describe
 
 PIPELINES = ("self-forcing", "rolling-forcing")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -115,14 +116,18 @@ def blocks_for_seconds(seconds: float, fps: int = 16, block_frames: int = BLOCK_
 
 
 def read_prompts(args) -> list[str]:
+    from tokentrim.safeio import read_text_file
+
     if args.prompt is not None:
         if not args.prompt.strip():
             raise GenerateError("--prompt is empty")
         return [args.prompt]
     path = Path(args.prompts)
-    if not path.is_file():
-        raise GenerateError(f"--prompts file {str(path)!r} does not exist")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        text = read_text_file(path, "--prompts file")
+    except ValueError as e:
+        raise GenerateError(str(e)) from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise GenerateError(f"--prompts file {str(path)!r} holds no prompt (one per line)")
     return prompts
@@ -134,6 +139,68 @@ def _output_paths(out: Path, n: int) -> list[Path]:
     if n == 1:
         return [out]
     return [out.with_name(f"{out.stem}_{i:03d}.mp4") for i in range(n)]
+
+
+def _check_outputs(paths: list[Path], overlay: bool) -> None:
+    """Before any model loads: every file a run writes (mp4, JSON, PNG, overlay) can be written."""
+    from tokentrim.safeio import check_output_file
+
+    for p in paths:
+        files = [p, p.with_suffix(".json"), p.with_suffix(".png")]
+        if overlay:
+            files.append(p.with_name(p.stem + ".overlay.mp4"))
+        for f in files:
+            try:
+                check_output_file(f, "--out" if f == p else "output file")
+            except ValueError as e:
+                raise GenerateError(str(e)) from None
+
+
+def _model_config(args, model_dir: Path):
+    """The transformer's WanConfig from the config files alone (no weights read), or None when it
+    cannot be told without loading (the loader then reports any problem)."""
+    from tokentrim.model import WanConfig
+
+    folder_cfg = model_dir / "transformer" / "config.json"
+    candidates = [folder_cfg]
+    if args.checkpoint is not None:
+        ck = Path(args.checkpoint)
+        if ck.is_dir():
+            candidates = [ck / "config.json", ck / "transformer" / "config.json"]
+        elif (ck.parent / "config.json").is_file():
+            candidates = [ck.parent / "config.json"]
+        else:
+            candidates = [folder_cfg] if folder_cfg.is_file() else []
+            if not candidates:
+                return WanConfig.preset("wan2.1-t2v-1.3b")
+    for c in candidates:
+        if c.is_file():
+            try:
+                return WanConfig.from_json(c)
+            except Exception:  # a broken config is the loader's to report, with its own message
+                return None
+    return None
+
+
+def _check_trim_against_model(trim_cfg: TokenTrimConfig, args, model_dir: Path) -> None:
+    """--trim-detect-step against the pipeline's steps and --trim-patch against the model's patch,
+    before any model loads."""
+    from tokentrim.rollout import RollingForcingConfig, SelfForcingConfig
+
+    if not (trim_cfg.enabled or args.compare):
+        return
+    steps = len((SelfForcingConfig() if args.pipeline == "self-forcing" else RollingForcingConfig()).denoising_steps)
+    try:
+        trim_cfg.resolve_detect_step(steps)
+    except ValueError as e:
+        raise GenerateError(f"--trim-detect-step: {e}") from None
+    cfg = _model_config(args, model_dir)
+    patch = getattr(trim_cfg, "patch", None)
+    if cfg is not None and patch is not None and tuple(patch) != tuple(cfg.patch_size[1:]):
+        raise GenerateError(
+            f"--trim-patch {patch[0]} {patch[1]} does not match the model's spatial patch "
+            f"{tuple(cfg.patch_size[1:])}: TokenTrim's token grid must be the model's"
+        )
 
 
 def _check_args(args) -> tuple[int, torch.device, torch.dtype]:
@@ -154,8 +221,8 @@ def _check_args(args) -> tuple[int, torch.device, torch.dtype]:
         )
     if not 0 <= args.crf <= 51:
         raise GenerateError(f"--crf must be in [0, 51], got {args.crf}")
-    if args.seed < 0:
-        raise GenerateError(f"--seed must be >= 0, got {args.seed}")
+    if not 0 <= args.seed < 2**63:
+        raise GenerateError(f"--seed must be in [0, 2**63 - 1] (a signed 64-bit seed), got {args.seed}")
     if args.batch_size < 1:
         raise GenerateError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.compare and not args.trim:
@@ -189,8 +256,32 @@ def load_transformer(args, model_dir: Path, device, dtype):
         config = (str(folder_cfg) if folder_cfg.is_file() else "wan2.1-t2v-1.3b") if needs_config else None
     try:
         return load_wan(path, config=config, dtype=dtype, device=device, which=args.checkpoint_key)
-    except (ValueError, TypeError, KeyError, RuntimeError, OSError) as e:
-        raise GenerateError(f"cannot load the transformer from {str(path)!r}: {e}") from None
+    except LOAD_ERRORS as e:
+        raise GenerateError(f"cannot load the transformer from {str(path)!r}: {describe(e)}") from None
+
+
+def load_text_encoder(model_dir: Path, device, dtype, text_len: int):
+    from tokentrim.video import TextEncoder
+
+    try:
+        return TextEncoder.load(model_dir, device=device, dtype=dtype, text_len=text_len)
+    except LOAD_ERRORS as e:
+        raise GenerateError(f"cannot load the tokenizer/text encoder from {str(model_dir)!r} "
+                            f"(tokenizer/, text_encoder/): {describe(e)}") from None
+    except Exception as e:  # the tokenizers library raises bare Exception for a broken tokenizer.json
+        if type(e).__module__.split(".")[0] not in ("tokenizers", "builtins"):
+            raise
+        raise GenerateError(f"cannot load the tokenizer from {str(model_dir / 'tokenizer')!r}: "
+                            f"{describe(e)}") from None
+
+
+def load_vae(model_dir: Path, device):
+    from tokentrim.video import WanVAE
+
+    try:
+        return WanVAE.load(model_dir, device=device, dtype=torch.float32)
+    except LOAD_ERRORS as e:
+        raise GenerateError(f"cannot load the VAE from {str(model_dir / 'vae')!r}: {describe(e)}") from None
 
 
 def _check_compatible(model, text_dim: int, z_dim: int, source: str) -> None:
@@ -382,10 +473,13 @@ def run_generate(args, on_block=None) -> int:
     except (GenerateError, ModelFolderError) as e:
         print(f"tokentrim generate: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:  # before the first block (loading, encoding): nothing to save
+        print("tokentrim generate: interrupted before any block was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def _run(args, on_block) -> int:
-    from tokentrim.video import TextEncoder, WanVAE, check_model_dir
+    from tokentrim.video import check_model_dir
 
     num_blocks, device, dtype = _check_args(args)
     prompts = read_prompts(args)
@@ -397,11 +491,13 @@ def _run(args, on_block) -> int:
     if args.compare:
         trim_cfg.enabled = True
     model_dir = check_model_dir(args.model_dir, need_transformer=args.checkpoint is None)
+    _check_trim_against_model(trim_cfg, args, model_dir)
+    _check_outputs(paths, args.overlay)
     source = str(args.checkpoint or model_dir / "transformer")
 
     model = load_transformer(args, model_dir, device, dtype)
-    encoder = TextEncoder.load(model_dir, device=device, dtype=dtype, text_len=model.config.text_len)
-    vae = WanVAE.load(model_dir, device=device, dtype=torch.float32)
+    encoder = load_text_encoder(model_dir, device, dtype, model.config.text_len)
+    vae = load_vae(model_dir, device)
     _check_compatible(model, encoder.text_dim, vae.z_dim, source)
     texts = [encoder.encode(prompts[i : i + args.batch_size]) for i in range(0, len(prompts), args.batch_size)]
     del encoder  # umT5-xxl is ~11 GB in bf16: free it before the rollout

@@ -66,11 +66,17 @@ def _check_weights(sub: Path, name: str) -> list[str]:
             missing.append(f"{name}/{w.name} (a git-lfs pointer, not the weights: run `git lfs pull`)")
     for index in sub.glob("*.index.json"):
         try:
-            shards = set(json.loads(index.read_text())["weight_map"].values())
-        except (ValueError, KeyError) as e:
-            missing.append(f"{name}/{index.name} (unreadable shard index: {e})")
+            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+            if not all(isinstance(s, str) for s in shards):
+                raise ValueError("shard names must be strings")
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            missing.append(f"{name}/{index.name} (unreadable shard index: {type(e).__name__}: {e})")
             continue
-        missing += [f"{name}/{s} (listed in {index.name})" for s in sorted(shards) if not (sub / s).is_file()]
+        root = sub.resolve()
+        outside = sorted(s for s in shards if root not in (sub / s).resolve().parents)
+        missing += [f"{name}/{index.name} names a shard outside the folder: {s!r} (refused)" for s in outside]
+        missing += [f"{name}/{s} (listed in {index.name})" for s in sorted(set(shards) - set(outside))
+                    if not (sub / s).is_file()]
     return missing
 
 

@@ -92,10 +92,42 @@ def _safetensors_getters(files: dict[str, list[str]]) -> dict:
 
     getters = {}
     for file, names in files.items():
+        _refuse_lfs_pointer(file)
         handle = safe_open(file, framework="pt", device="cpu")
         for name in names if names is not None else handle.keys():
             getters[name] = (lambda h, n: lambda: h.get_tensor(n))(handle, name)
     return getters
+
+
+def _refuse_lfs_pointer(file: str) -> None:
+    """A git-lfs pointer (a small text file) where the weights should be: say so."""
+    try:
+        if os.path.getsize(file) > 1024:
+            return
+        with open(file, "rb") as f:
+            head = f.read(40)
+    except OSError:
+        return  # the loader reports unreadable files itself
+    if head.startswith(b"version https://git-lfs"):
+        raise ValueError(f"{file} is a git-lfs pointer, not the weights: run `git lfs pull` in its repository")
+
+
+def _read_weight_map(index: str, folder: str) -> dict[str, str]:
+    """The index's ``weight_map`` {param name: shard file}, checked: a dict of strings naming files
+    inside ``folder`` (a shard path leaving the folder, e.g. "../x", is refused, never read)."""
+    with open(index, encoding="utf-8") as f:
+        data = json.load(f)
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{index}: expected a JSON object with a non-empty 'weight_map' object, "
+                         f"got {type(data).__name__ if not isinstance(data, dict) else 'no weight_map'}")
+    root = os.path.realpath(folder)
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard:
+            raise ValueError(f"{index}: weight_map[{name!r}] must be a shard file name, got {shard!r}")
+        if os.path.commonpath([root, os.path.realpath(os.path.join(folder, shard))]) != root:
+            raise ValueError(f"{index}: shard {shard!r} is outside the folder {folder!r}; refused")
+    return weight_map
 
 
 def _folder_source(path: str) -> _Source:
@@ -111,10 +143,7 @@ def _folder_source(path: str) -> _Source:
     config = WanConfig.from_json(cfg_path) if os.path.isfile(cfg_path) else None
     index = os.path.join(path, INDEX_NAME)
     if os.path.isfile(index):
-        with open(index, encoding="utf-8") as f:
-            weight_map = json.load(f).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise ValueError(f"{index}: missing or empty 'weight_map'")
+        weight_map = _read_weight_map(index, path)
         files: dict[str, list[str]] = {}
         for name, shard in weight_map.items():
             files.setdefault(os.path.join(path, shard), []).append(name)
