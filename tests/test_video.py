@@ -233,6 +233,50 @@ def test_mp4_writer_streams_and_never_leaves_empty_files(tmp_path):
         video.Mp4Writer(tmp_path / "f.mp4").write(torch.zeros(1, 16, 16, 3))
 
 
+def _gradient(T, h=32, w=48):
+    """Smooth moving frames [T, h, w, 3] uint8 (what H.264 reproduces closely)."""
+    t = torch.arange(T).view(T, 1, 1)
+    y, x = torch.arange(h).view(1, h, 1), torch.arange(w).view(1, 1, w)
+    chans = [(4 * x + 8 * t + 0 * y) % 256, (4 * y + 3 * t + 0 * x) % 256, (2 * x + 2 * y + 0 * t) % 256]
+    return torch.stack(torch.broadcast_tensors(*chans), -1).to(torch.uint8)
+
+
+def test_mp4_writer_is_playable_after_every_write(tmp_path):
+    frames = _gradient(33)
+    w = video.Mp4Writer(tmp_path / "v.mp4", crf=0)
+    done = 0
+    for n in (9, 12, 12):  # one fragment per block, on disk when write returns
+        w.write(frames[done : done + n])
+        done += n
+        on_disk = decode_mp4(w.tmp_path)  # what a SIGKILL now would leave
+        assert on_disk.shape == (done, 32, 48, 3)
+    data = w.tmp_path.read_bytes()
+    assert [k for k, *_ in video._boxes(data)] == ["ftyp", "moov"] + ["moof", "mdat"] * 3
+    assert w.close() == tmp_path / "v.mp4" and not list(tmp_path.glob("*.partial.mp4"))
+    with av.open(str(tmp_path / "v.mp4")) as c:
+        decoded = list(c.decode(video=0))
+    assert [f.pts for f in decoded] == [i * decoded[1].pts for i in range(33)]  # one continuous timeline
+    assert [i for i, f in enumerate(decoded) if f.key_frame] == [0, 9, 21]  # a keyframe per block
+    got = torch.stack([torch.from_numpy(f.to_ndarray(format="rgb24")) for f in decoded])
+    assert (got.float() - frames.float()).abs().mean() < 3  # yuv420p rounding only
+
+
+def test_mp4_writer_partial_never_replaces_a_file(tmp_path):
+    path = tmp_path / "v.mp4"
+    path.write_bytes(b"a finished video")
+    with pytest.raises(KeyboardInterrupt), video.Mp4Writer(path) as w:
+        w.write(_gradient(3))
+        raise KeyboardInterrupt
+    assert path.read_bytes() == b"a finished video"
+    assert w.final_path == tmp_path / "v.interrupted.mp4" and video.read_video_info(w.final_path)[0] == 3
+    a, b = video.Mp4Writer(path), video.Mp4Writer(path)  # concurrent writers: distinct temporary files
+    a.write(_gradient(2))
+    b.write(_gradient(4))
+    assert a.tmp_path != b.tmp_path
+    assert a.close(complete=False) == tmp_path / "v.interrupted-1.mp4"
+    assert b.close() == path and video.read_video_info(path)[0] == 4  # a complete result replaces
+
+
 def test_mark_tokens():
     frames = torch.full((2, 32, 48, 3), 100, dtype=torch.uint8)
     out = video.mark_tokens(frames, [4], grid_w=3, cell=(16, 16))  # row 1, column 1
@@ -401,4 +445,90 @@ def test_broken_model_files_exit_2(wan_dir, tmp_path, capsys, what, msg):
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if "tokentrim generate: error:" in line]
     assert "Traceback" not in err and len(lines) == 1 and msg in lines[0], err
+    assert not list(tmp_path.glob("*.mp4"))
+
+
+# ------------------------------------------------------------------ nothing finished is lost
+_KILL_AFTER = """
+import os, signal, sys
+from tokentrim import generate as gen
+from tokentrim.cli import build_parser
+
+args = build_parser().parse_args(sys.argv[2:])
+def on_block(index):
+    if index == int(sys.argv[1]) - 1:
+        os.kill(os.getpid(), signal.SIGKILL)  # no cleanup of any kind runs
+gen.run_generate(args, on_block=on_block)
+"""
+
+
+def test_sigkilled_run_stays_playable_up_to_its_last_block(wan_dir, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "killed.mp4"
+    argv = ["generate", "--model-dir", str(wan_dir), "--height", str(H), "--width", str(W), "--out", str(out),
+            "--no-progress", "--prompt", SENTENCES[0], "--blocks", "4", "--no-trim"]
+    proc = subprocess.run([sys.executable, "-c", _KILL_AFTER, "2", *argv], capture_output=True, text=True,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert not out.exists()
+    (partial,) = tmp_path.glob("killed.*.partial.mp4")
+    assert video.read_video_info(partial) == (frames_of(2), H, W)
+    tele = json.loads(partial.with_suffix(".json").read_text())
+    assert tele["meta"]["status"] == "running" and [b["block"] for b in tele["blocks"]] == [0, 1]
+
+
+def test_interrupted_rerun_keeps_the_finished_video(wan_dir, tmp_path, capsys):
+    out = tmp_path / "clip.mp4"
+    assert run(wan_dir, out, "--prompt", SENTENCES[0], "--blocks", "1", "--no-trim") == 0
+    finished = out.read_bytes(), out.with_suffix(".json").read_text(), out.with_suffix(".png").read_bytes()
+
+    def stop(index):
+        raise KeyboardInterrupt
+
+    assert run(wan_dir, out, "--prompt", SENTENCES[1], "--blocks", "2", "--no-trim", on_block=stop) == 130
+    assert (out.read_bytes(), out.with_suffix(".json").read_text(), out.with_suffix(".png").read_bytes()) == finished
+    partial = tmp_path / "clip.interrupted.mp4"
+    assert f"saved to {partial}" in capsys.readouterr().err
+    assert video.read_video_info(partial) == (frames_of(1), H, W)
+    tele = json.loads(partial.with_suffix(".json").read_text())
+    assert tele["meta"]["status"] == "interrupted" and tele["meta"]["video"] == str(partial)
+    assert partial.with_suffix(".png").is_file()
+    assert not list(tmp_path.glob("*.partial.*"))
+
+
+def test_second_ctrl_c_during_cleanup_loses_nothing(wan_dir, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from tokentrim import telemetry
+
+    plot = telemetry.plot
+
+    def plot_after_ctrl_c(*a, **k):
+        os.kill(os.getpid(), signal.SIGINT)  # the user presses Ctrl-C again while files are written
+        return plot(*a, **k)
+
+    monkeypatch.setattr(telemetry, "plot", plot_after_ctrl_c)
+
+    def stop(index):
+        raise KeyboardInterrupt
+
+    out = tmp_path / "clip.mp4"
+    assert run(wan_dir, out, "--prompt", SENTENCES[0], "--blocks", "2", "--no-trim", on_block=stop) == 130
+    assert video.read_video_info(out) == (frames_of(1), H, W)
+    assert json.loads(out.with_suffix(".json").read_text())["meta"]["status"] == "interrupted"
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_concurrent_run_to_the_same_out_is_refused(wan_dir, tmp_path, capsys, monkeypatch):
+    from tokentrim.safeio import OutputLock
+
+    _no_model_load(monkeypatch)
+    out = tmp_path / "clip.mp4"
+    with OutputLock(out):  # another run holds it
+        assert run(wan_dir, out, "--prompt", "x", "--blocks", "1") == gen.EXIT_USAGE
+    assert "another tokentrim run is writing" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.mp4"))

@@ -13,18 +13,16 @@ frames at 16 fps (9 for the first block, 12 for each later one).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
-import signal
 import sys
-import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from tokentrim.config import TokenTrimConfig
-from tokentrim.safeio import LOAD_ERRORS, describe
+from tokentrim.safeio import LOAD_ERRORS, OutputLock, deferred_signals, describe, sigterm_as_interrupt
 
 PIPELINES = ("self-forcing", "rolling-forcing")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -321,58 +319,64 @@ def _video_record(rec: dict, b: int) -> dict:
 
 
 class VideoOutput:
-    """One output video: its mp4 writer (+ overlay writer) and the records of its written blocks."""
+    """One output video: its mp4 writer (+ overlay writer) and the records of its written blocks.
 
-    def __init__(self, path: Path, prompt: str, overlay: bool, fps: int, crf: int):
+    After every block the mp4 holds that block (one flushed fragment, see ``Mp4Writer``) and
+    ``<the partial mp4>.json`` the telemetry so far, so even a SIGKILL keeps every finished block.
+    """
+
+    def __init__(self, path: Path, prompt: str, overlay: bool, fps: int, crf: int, meta: dict | None = None):
         from tokentrim.video import Mp4Writer
 
         self.path = path
         self.prompt = prompt
+        self.meta = dict(meta or {})
         self.writer = Mp4Writer(path, fps=fps, crf=crf)
         self.overlay = Mp4Writer(path.with_name(path.stem + ".overlay.mp4"), fps=fps, crf=crf) if overlay else None
         self.records: list[dict] = []
         self.final_path: Path | None = None
+        self.json_path: Path | None = None
+        self.png_path: Path | None = None
+
+    def _meta(self, status: str, meta: dict | None = None) -> dict:
+        return dict(self.meta, **(meta or {}), status=status, prompt=self.prompt, blocks_written=len(self.records),
+                    pixel_frames=self.writer.frames_written)
 
     def write_block(self, frames, overlay_frames, record: dict) -> None:
+        from tokentrim import telemetry
+        from tokentrim.safeio import atomic_write_text
+
         self.writer.write(frames)
         if self.overlay is not None:
             self.overlay.write(overlay_frames)
         self.records.append(record)
+        atomic_write_text(self.writer.tmp_path.with_suffix(".json"),
+                          telemetry.to_json(self.records, self._meta("running")))
 
-    def finalize(self, meta: dict) -> None:
-        """Close the mp4(s) (renaming them into place) and write the telemetry of the written blocks.
-        With no block written nothing is left on disk."""
+    def finalize(self, meta: dict, complete: bool = True) -> None:
+        """Close the mp4(s), renaming them into place (a partial video never replaces an existing
+        file: see ``Mp4Writer.close``), and write the telemetry JSON and PNG beside the video.
+        With no block written nothing is left on disk. Call it with signals deferred."""
         from tokentrim import telemetry
+        from tokentrim.safeio import atomic_write, atomic_write_text
 
-        self.final_path = self.writer.close()
+        running_json = self.writer.tmp_path.with_suffix(".json") if self.writer.tmp_path else None
+        self.final_path = self.writer.close(complete)
         if self.overlay is not None:
-            self.overlay.close()
+            self.overlay.close(complete)
         if self.final_path is None:
             return
-        meta = dict(meta, prompt=self.prompt, video=str(self.final_path), blocks_written=len(self.records),
-                    pixel_frames=self.writer.frames_written)
-        telemetry.save_json(self.records, self.path.with_suffix(".json"), meta)
+        status = meta.pop("status", "complete")
+        meta = self._meta(status, meta)
+        meta["video"] = str(self.final_path)
+        self.json_path = atomic_write_text(self.final_path.with_suffix(".json"), telemetry.to_json(self.records, meta))
+        if running_json is not None:
+            running_json.unlink(missing_ok=True)
         try:
-            telemetry.plot(self.records, self.path.with_suffix(".png"), title=self.prompt[:80])
+            self.png_path = atomic_write(self.final_path.with_suffix(".png"),
+                                         lambda t: telemetry.plot(self.records, t, title=self.prompt[:80]))
         except Exception as e:  # a plotting problem must not lose the video or the JSON
             print(f"warning: telemetry plot failed: {e}", file=sys.stderr)
-
-
-@contextmanager
-def _sigterm_as_interrupt():
-    """SIGTERM (e.g. a job scheduler) -> KeyboardInterrupt, so it finalises like Ctrl-C."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    old = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
 
 
 def _panel_frames(vae_stream, out, video_b: int):
@@ -413,14 +417,14 @@ def generate_batch(model, vae, text, prompts, paths, args, trim_cfg, num_blocks,
                   (make_rollout(args.pipeline, model, trim_cfg, args.cuda_graphs), True)]
     else:
         panels = [(make_rollout(args.pipeline, model, trim_cfg if args.trim else None, args.cuda_graphs), args.trim)]
-    outputs = [VideoOutput(p, prompt, args.overlay, FPS, args.crf) for p, prompt in zip(paths, prompts)]
+    outputs = [VideoOutput(p, prompt, args.overlay, FPS, args.crf, base_meta) for p, prompt in zip(paths, prompts)]
     streams = [[vae.streaming_decoder() for _ in panels] for _ in range(B)]
     gens = [r.iter_blocks(text, num_blocks, lat_h, lat_w, seed=args.seed) for r, _ in panels]
     status, error = "complete", None
     bar = tqdm(total=num_blocks, unit="block", desc=args.pipeline, disable=args.no_progress, file=sys.stderr)
     t0, frames_done = time.perf_counter(), 0
     try:
-        with _sigterm_as_interrupt():
+        with sigterm_as_interrupt():
             for outs in zip(*gens):
                 index = outs[0].index
                 trim_pos = next((i for i, (_, is_trim) in enumerate(panels) if is_trim), 0)
@@ -449,15 +453,19 @@ def generate_batch(model, vae, text, prompts, paths, args, trim_cfg, num_blocks,
     except BaseException as e:
         status, error = f"failed: {type(e).__name__}: {e}", e
     finally:
-        bar.close()
-        for g in gens:
-            g.close()
-        meta = dict(base_meta or {}, status=status, blocks_requested=num_blocks,
-                    wall_s=time.perf_counter() - t0, panels=["no-trim", "tokentrim"] if args.compare else None)
-        for o in outputs:
-            o.finalize(meta)
+        # a second Ctrl-C / SIGTERM must not cut the cleanup in half: held back until it is done
+        with deferred_signals() as deferred:
+            bar.close()
+            for g in gens:
+                g.close()
+            meta = dict(status=status, blocks_requested=num_blocks, wall_s=time.perf_counter() - t0,
+                        panels=["no-trim", "tokentrim"] if args.compare else None)
+            for o in outputs:
+                o.finalize(dict(meta), complete=status == "complete")
     if error is not None:
         raise error
+    if deferred.received is not None:
+        status = "interrupted"
     return status, outputs
 
 
@@ -493,8 +501,17 @@ def _run(args, on_block) -> int:
     model_dir = check_model_dir(args.model_dir, need_transformer=args.checkpoint is None)
     _check_trim_against_model(trim_cfg, args, model_dir)
     _check_outputs(paths, args.overlay)
-    source = str(args.checkpoint or model_dir / "transformer")
+    with contextlib.ExitStack() as locks:  # one run at a time per output: a second one stops here
+        for p in paths:
+            try:
+                locks.enter_context(OutputLock(p))
+            except ValueError as e:
+                raise GenerateError(str(e)) from None
+        return _load_and_generate(args, on_block, model_dir, prompts, paths, trim_cfg, num_blocks, device, dtype)
 
+
+def _load_and_generate(args, on_block, model_dir, prompts, paths, trim_cfg, num_blocks, device, dtype) -> int:
+    source = str(args.checkpoint or model_dir / "transformer")
     model = load_transformer(args, model_dir, device, dtype)
     encoder = load_text_encoder(model_dir, device, dtype, model.config.text_len)
     vae = load_vae(model_dir, device)
@@ -522,8 +539,8 @@ def _run(args, on_block) -> int:
                 print(f"interrupted: {len(o.records)} finished block(s) saved to {where}", file=sys.stderr)
             return EXIT_INTERRUPTED
     for o in written:
-        print(f"wrote {o.final_path} ({o.writer.frames_written} frames) + {o.path.with_suffix('.json').name}, "
-              f"{o.path.with_suffix('.png').name}", file=sys.stderr)
+        extra = ", ".join(p.name for p in (o.json_path, o.png_path) if p is not None)
+        print(f"wrote {o.final_path} ({o.writer.frames_written} frames) + {extra}", file=sys.stderr)
     return 0
 
 

@@ -11,8 +11,10 @@ Conventions: latents are frame-major ``[B, F, C, H, W]`` (tokentrim); diffusers'
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import struct
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -317,89 +319,171 @@ def to_uint8(pixels: torch.Tensor) -> torch.Tensor:
 # mp4 output
 
 
-class Mp4Writer:
-    """Streams uint8 frames ``[T, H, W, 3]`` to an H.264 mp4 through PyAV.
+def _boxes(data, start: int = 0, end: int | None = None):
+    """Top-level ISO-BMFF boxes of ``data[start:end]``: (type, box start, payload start, box end)."""
+    end = len(data) if end is None else end
+    i = start
+    while i + 8 <= end:
+        size, kind = struct.unpack_from(">I4s", data, i)
+        head = 8
+        if size == 1:
+            size, head = struct.unpack_from(">Q", data, i + 8)[0], 16
+        elif size == 0:
+            size = end - i
+        if size < head or i + size > end:
+            raise ValueError(f"malformed mp4 box {kind!r} at byte {i}")
+        yield kind.decode("latin-1"), i, i + head, i + size
+        i += size
 
-    Frames go to ``<stem>.partial.mp4`` beside ``path``; ``close()`` flushes the encoder, writes
-    the trailer and renames the file to ``path`` -- whatever the reason for closing (so a run
-    interrupted by Ctrl-C or an exception still leaves a playable file of every frame written).
-    If no frame was written the temporary file is removed and nothing is left at ``path``. Only a
-    hard kill (SIGKILL) can leave a ``.partial.mp4`` behind. The frame size is fixed by the first
-    ``write``; it must be even (yuv420p).
+
+def _box(data, path: Sequence[str], start: int = 0, end: int | None = None) -> tuple[int, int]:
+    """(payload start, end) of the first box along ``path`` (e.g. ["moov", "trak", "mdia", "mdhd"])."""
+    for kind, _, body, stop in _boxes(data, start, end):
+        if kind == path[0]:
+            return (body, stop) if len(path) == 1 else _box(data, path[1:], body, stop)
+    raise ValueError(f"mp4 box {'/'.join(path)} not found")
+
+
+class Mp4Writer:
+    """Streams uint8 frames ``[T, H, W, 3]`` to a fragmented H.264 mp4 through PyAV.
+
+    Layout: ``ftyp`` + an empty ``moov`` first, then one fragment (``moof`` + ``mdat``) per
+    ``write()`` call, each starting with a keyframe and appended to the file and flushed as soon as
+    ``write`` returns. So the file on disk is, at every moment, a playable mp4 of every ``write``
+    completed -- even after a SIGKILL or the OOM killer, which run no cleanup at all.
+
+    Each ``write`` is encoded by a fresh encoder into an in-memory fragmented mp4 (PyAV,
+    ``movflags=frag_keyframe+empty_moov+default_base_moof``), whose fragments are appended with
+    their decode time (``tfdt``) and sequence number (``mfhd``) continued from the earlier ones;
+    the same settings give the same sample description, so the first ``moov`` serves them all.
+    (FFmpeg's own muxer keeps the last fragment in memory until the next keyframe arrives, and
+    PyAV cannot ask it to flush.)
+
+    Frames go to a unique ``<stem>.<random>.partial.mp4`` beside ``path`` (two runs never share
+    one). ``close(complete)`` renames it: a complete result onto ``path``; a partial one
+    (``complete=False``, what ``with`` does on an exception) onto ``path`` only when nothing is
+    there, else onto ``<stem>.interrupted.mp4`` -- a partial video never replaces a finished one.
+    ``final_path`` is where it went. With no frame written nothing is left. The frame size is fixed
+    by the first ``write``; it must be even (yuv420p).
     """
+
+    MOVFLAGS = "frag_keyframe+empty_moov+default_base_moof"
 
     def __init__(self, path: str | os.PathLike, fps: int = FPS, crf: int = 18):
         self.path = Path(path)
         if self.path.suffix.lower() != ".mp4":
             raise ValueError(f"path must end in .mp4, got {str(self.path)!r}")
-        self.tmp_path = self.path.with_name(self.path.stem + ".partial.mp4")
+        self.tmp_path: Path | None = None
+        self.final_path: Path | None = None
         self.fps = int(fps)
         self.crf = int(crf)
         self.frames_written = 0
-        self._container = None
-        self._stream = None
+        self.fragments = 0
+        self.size: tuple[int, int] | None = None
+        self._file = None
+        self._timescale = 0
         self._closed = False
 
-    def _open(self, height: int, width: int) -> None:
+    def _encode(self, frames) -> bytearray:
+        """One in-memory fragmented mp4 of ``frames`` (numpy [T, H, W, 3] uint8), fresh encoder."""
         import av
 
-        if height % 2 or width % 2:
-            raise ValueError(f"frame height and width must be even for yuv420p, got {height}x{width}")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._container = av.open(str(self.tmp_path), mode="w", format="mp4")
-        codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
-        self._stream = self._container.add_stream(codec, rate=self.fps)
-        self._stream.width, self._stream.height = width, height
-        self._stream.pix_fmt = "yuv420p"
-        if codec == "libx264":
-            self._stream.options = {"crf": str(self.crf), "preset": "medium"}
+        buf = io.BytesIO()
+        container = av.open(buf, mode="w", format="mp4", options={"movflags": self.MOVFLAGS})
+        try:
+            codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+            stream = container.add_stream(codec, rate=self.fps)
+            stream.height, stream.width = self.size
+            stream.pix_fmt = "yuv420p"
+            if codec == "libx264":
+                stream.options = {"crf": str(self.crf), "preset": "medium"}
+            for f in frames:
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+            container.mux(stream.encode())
+        finally:
+            container.close()
+        return bytearray(buf.getvalue())
+
+    def _append(self, data: bytearray) -> None:
+        """Append the fragments of one encoded piece (the ftyp + moov too, the first time)."""
+        out = bytearray()
+        if self._file is None:
+            body, _ = _box(data, ["moov", "trak", "mdia", "mdhd"])
+            version = data[body]
+            self._timescale = struct.unpack_from(">I", data, body + (20 if version == 1 else 12))[0]
+            if self._timescale % self.fps:
+                raise ValueError(f"mp4 timescale {self._timescale} is not a multiple of fps={self.fps}")
+        base = self.frames_written * (self._timescale // self.fps)
+        for kind, start, body, stop in _boxes(data):
+            if kind in ("ftyp", "moov") and self._file is None:
+                out += data[start:stop]
+            elif kind == "moof":
+                self.fragments += 1
+                mfhd, _ = _box(data, ["mfhd"], body, stop)
+                struct.pack_into(">I", data, mfhd + 4, self.fragments)
+                for traf_kind, _, traf, traf_end in _boxes(data, body, stop):
+                    if traf_kind != "traf":
+                        continue
+                    tfdt, _ = _box(data, ["tfdt"], traf, traf_end)
+                    fmt = ">Q" if data[tfdt] == 1 else ">I"
+                    t = struct.unpack_from(fmt, data, tfdt + 4)[0] + base
+                    if fmt == ">I" and t >= 2**32:
+                        raise ValueError("mp4 decode time overflows a version-0 tfdt")
+                    struct.pack_into(fmt, data, tfdt + 4, t)
+                out += data[start:stop]
+            elif kind == "mdat":
+                out += data[start:stop]
+        if self._file is None:
+            from tokentrim.safeio import temp_path
+
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.tmp_path = temp_path(self.path, "partial")
+            self._file = open(self.tmp_path, "wb")  # noqa: SIM115 - held open across writes
+        self._file.write(out)
+        self._file.flush()
 
     def write(self, frames: torch.Tensor) -> None:
-        """frames: ``[T, H, W, 3]`` uint8 (CPU or not)."""
-        import av
-
+        """frames: ``[T, H, W, 3]`` uint8 (CPU or not), T >= 1: one fragment, on disk on return."""
         if self._closed:
             raise ValueError("write() after close()")
         if not isinstance(frames, torch.Tensor) or frames.dtype != torch.uint8:
             raise TypeError(f"frames must be a uint8 tensor, got {getattr(frames, 'dtype', type(frames))}")
-        if frames.dim() != 4 or frames.shape[-1] != 3:
-            raise ValueError(f"frames must be [T, H, W, 3], got {tuple(frames.shape)}")
-        if self._container is None:
-            self._open(frames.shape[1], frames.shape[2])
-        elif (frames.shape[1], frames.shape[2]) != (self._stream.height, self._stream.width):
+        if frames.dim() != 4 or frames.shape[-1] != 3 or frames.shape[0] == 0:
+            raise ValueError(f"frames must be [T >= 1, H, W, 3], got {tuple(frames.shape)}")
+        height, width = int(frames.shape[1]), int(frames.shape[2])
+        if self.size is None:
+            if height % 2 or width % 2:
+                raise ValueError(f"frame height and width must be even for yuv420p, got {height}x{width}")
+            self.size = (height, width)
+        elif (height, width) != self.size:
             raise ValueError(
-                f"frames must be {self._stream.height}x{self._stream.width} like the first ones, "
-                f"got {frames.shape[1]}x{frames.shape[2]}"
+                f"frames must be {self.size[0]}x{self.size[1]} like the first ones, got {height}x{width}"
             )
-        for f in frames.cpu().numpy():
-            for packet in self._stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
-                self._container.mux(packet)
-            self.frames_written += 1
+        self._append(self._encode(frames.cpu().numpy()))
+        self.frames_written += int(frames.shape[0])
 
-    def close(self) -> Path | None:
-        """Finalise: flush, write the trailer, rename to ``path``. Returns ``path``, or None
-        when no frame was written (then no file is left). Safe to call twice."""
+    def close(self, complete: bool = True) -> Path | None:
+        """Close the file and give it its final name (see the class docstring). Returns that
+        name, or None when no frame was written (then no file is left). Safe to call twice."""
         if self._closed:
-            return self.path if self.frames_written else None
+            return self.final_path
         self._closed = True
-        if self._container is None:
+        if self._file is None:
             return None
-        try:
-            for packet in self._stream.encode():
-                self._container.mux(packet)
-        finally:
-            self._container.close()
+        self._file.close()
         if self.frames_written == 0:
             self.tmp_path.unlink(missing_ok=True)
             return None
-        os.replace(self.tmp_path, self.path)
-        return self.path
+        from tokentrim.safeio import claim
+
+        self.final_path = claim(self.tmp_path, self.path, replace=complete)
+        return self.final_path
 
     def __enter__(self) -> Mp4Writer:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close(complete=exc_type is None)
 
 
 def read_video_info(path: str | os.PathLike) -> tuple[int, int, int]:
