@@ -71,8 +71,12 @@ def test_help_lists_every_trim_field(capsys):
 SMALL = ["--height", "4", "--width", "4", "--no-progress"]
 
 
-def _interrupt_after(monkeypatch, n, snapshot=None):
-    """Ctrl-C once ``n`` blocks have been saved; ``snapshot(partial_folder)`` sees the folder first."""
+def _interrupt_after(monkeypatch, n, snapshot=None, how="ctrl-c"):
+    """Ctrl-C (or SIGTERM, or an error) once ``n`` blocks have been saved; ``snapshot(partial_folder)``
+    sees the folder first."""
+    import os
+    import signal
+
     from tokentrim.rollout_out import RolloutOutput
 
     add = RolloutOutput.add
@@ -82,7 +86,12 @@ def _interrupt_after(monkeypatch, n, snapshot=None):
         if len(self.records) == n:
             if snapshot is not None:
                 snapshot(self.partial)
-            raise KeyboardInterrupt
+            if how == "sigterm":
+                os.kill(os.getpid(), signal.SIGTERM)
+            elif how == "error":
+                raise torch.OutOfMemoryError("simulated")
+            else:
+                raise KeyboardInterrupt
 
     monkeypatch.setattr(RolloutOutput, "add", add_then_interrupt)
 
@@ -116,12 +125,19 @@ def test_rollout_interrupted_keeps_finished_blocks(tmp_path, monkeypatch, capsys
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("partial")) == []
 
 
-def test_rollout_interrupted_into_an_empty_folder(tmp_path, monkeypatch):
-    _interrupt_after(monkeypatch, 1)
+@pytest.mark.parametrize("how", ["sigterm", "error"])
+def test_rollout_sigterm_or_error_keeps_finished_blocks(tmp_path, monkeypatch, how):
+    _interrupt_after(monkeypatch, 1, how=how)
     out = tmp_path / "fresh"
-    assert cli.main(["rollout", "--blocks", "4", "--out", str(out), *SMALL]) == cli.EXIT_INTERRUPTED
+    argv = ["rollout", "--blocks", "3", "--out", str(out), *SMALL]
+    if how == "error":
+        with pytest.raises(torch.OutOfMemoryError):
+            cli.main(argv)
+    else:
+        assert cli.main(argv) == cli.EXIT_INTERRUPTED
     assert torch.load(out / "latents.pt", weights_only=True).shape == (1, 3, 16, 4, 4)
-    assert json.loads((out / "telemetry.json").read_text())["meta"]["status"] == "interrupted"
+    status = json.loads((out / "telemetry.json").read_text())["meta"]["status"]
+    assert status == ("interrupted" if how == "sigterm" else "failed: OutOfMemoryError: simulated")
     assert sorted(p.name for p in out.iterdir()) == ["latents.pt", "telemetry.json", "telemetry.png"]
 
 
