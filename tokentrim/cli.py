@@ -229,11 +229,7 @@ def _check_limits(args, parser, rollout, model, trim) -> None:
 def run_rollout(args) -> int:
     """Handler of ``tokentrim rollout``; returns the exit code (0 done, 2 usage error, 130
     interrupted: the finished blocks are saved)."""
-    import torch
-
-    from tokentrim.model import WanConfig, WanModel, load_wan
-    from tokentrim.rollout_out import RolloutOutput
-    from tokentrim.safeio import LOAD_ERRORS, OutputLock, describe
+    from tokentrim.safeio import OutputLock
 
     parser = args._parser
     device, dtype, preset, trim = _resolve(args, parser)
@@ -243,37 +239,50 @@ def run_rollout(args) -> int:
     except ValueError as e:
         parser.error(str(e))
     try:
-        torch.manual_seed(args.seed)
-        if args.checkpoint is not None:
-            try:
-                model = load_wan(args.checkpoint, config=args.preset, dtype=dtype, device=device)
-            except LOAD_ERRORS as e:
-                parser.error(f"--checkpoint: {describe(e)}")
-        else:
-            model = WanModel(WanConfig.preset(preset), dtype=dtype, device=device).eval()
-        cfg = model.config
-        if args.text_embeddings is not None:
-            text = _load_text(args, parser, cfg)
-        else:
-            gen = torch.Generator().manual_seed(args.seed)
-            text = torch.randn(args.batch, cfg.text_len, cfg.text_dim, generator=gen)
-        rollout = _make_rollout(args, parser, model, trim)
-        _check_limits(args, parser, rollout, model, trim)
-        meta = {
-            "pipeline": args.pipeline,
-            "preset": None if args.checkpoint else preset,
-            "checkpoint": args.checkpoint,
-            "device": str(device),
-            "dtype": str(dtype).replace("torch.", ""),
-            "blocks": args.blocks,
-            "latent_size": [args.height, args.width],
-            "batch": args.batch,
-            "seed": args.seed,
-            "trim": trim.to_dict(),
-        }
-        return _stream(args, rollout, text.to(device), RolloutOutput(args.out, meta), trim)
+        return _run_rollout(args, parser, device, dtype, preset, trim)
+    except KeyboardInterrupt:  # before the first block (building or loading the model): nothing to save
+        print("tokentrim rollout: interrupted before any block finished; nothing written", file=sys.stderr)
+        return EXIT_INTERRUPTED
     finally:
         lock.release()
+
+
+def _run_rollout(args, parser, device, dtype, preset, trim) -> int:
+    import torch
+
+    from tokentrim.model import WanConfig, WanModel, load_wan
+    from tokentrim.rollout_out import RolloutOutput
+    from tokentrim.safeio import LOAD_ERRORS, describe
+
+    torch.manual_seed(args.seed)
+    if args.checkpoint is not None:
+        try:
+            model = load_wan(args.checkpoint, config=args.preset, dtype=dtype, device=device)
+        except LOAD_ERRORS as e:
+            parser.error(f"--checkpoint: {describe(e)}")
+    else:
+        model = WanModel(WanConfig.preset(preset), dtype=dtype, device=device).eval()
+    cfg = model.config
+    if args.text_embeddings is not None:
+        text = _load_text(args, parser, cfg)
+    else:
+        gen = torch.Generator().manual_seed(args.seed)
+        text = torch.randn(args.batch, cfg.text_len, cfg.text_dim, generator=gen)
+    rollout = _make_rollout(args, parser, model, trim)
+    _check_limits(args, parser, rollout, model, trim)
+    meta = {
+        "pipeline": args.pipeline,
+        "preset": None if args.checkpoint else preset,
+        "checkpoint": args.checkpoint,
+        "device": str(device),
+        "dtype": str(dtype).replace("torch.", ""),
+        "blocks": args.blocks,
+        "latent_size": [args.height, args.width],
+        "batch": args.batch,
+        "seed": args.seed,
+        "trim": trim.to_dict(),
+    }
+    return _stream(args, rollout, text.to(device), RolloutOutput(args.out, meta), trim)
 
 
 def _stream(args, rollout, text, output, trim) -> int:
