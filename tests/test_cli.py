@@ -278,3 +278,16 @@ def test_rollout_bad_seed_and_text_exit_2(tmp_path, capsys):
 def test_rollout_trim_patch_mismatch_exit_2(tmp_path, capsys):
     err = _exit_2(["rollout", "--trim-patch", "4", "4", "--trim-force", "always"], tmp_path, capsys)
     assert "--trim-patch 4 4 does not match the model's spatial patch (2, 2)" in err
+
+
+def test_rollout_ctrl_c_while_building_the_model_exits_130(tmp_path, monkeypatch, capsys):
+    import tokentrim.model
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tokentrim.model, "WanModel", interrupted)
+    out = tmp_path / "run"
+    assert cli.main(["rollout", "--out", str(out), *SMALL]) == cli.EXIT_INTERRUPTED
+    assert "interrupted before any block finished" in capsys.readouterr().err
+    assert list(out.iterdir()) == []

@@ -532,3 +532,13 @@ def test_concurrent_run_to_the_same_out_is_refused(wan_dir, tmp_path, capsys, mo
         assert run(wan_dir, out, "--prompt", "x", "--blocks", "1") == gen.EXIT_USAGE
     assert "another tokentrim run is writing" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.mp4"))
+
+
+def test_ctrl_c_while_loading_exits_130(wan_dir, tmp_path, monkeypatch, capsys):
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gen, "load_transformer", interrupted)
+    assert run(wan_dir, tmp_path / "a.mp4", "--prompt", "x", "--blocks", "1") == gen.EXIT_INTERRUPTED
+    assert "interrupted before any block was written" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
