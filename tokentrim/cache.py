@@ -256,6 +256,28 @@ class KVCache:
             n = min(T, self.sink_tokens - start)
             self.sink_raw[layer, :, start : start + n].copy_(k_raw[:, :n])
 
+    def raw_sink_slot(self, T: int) -> tuple[int, int] | None:
+        """Where a T-token block's un-rotated keys go in ``sink_raw`` while the sink is being
+        written: (first sink token, count), or None when no raw key is needed. Host sync: none."""
+        if not (self.raw_sink and len(self.frames) < self.sink_frames):
+            return None
+        start = len(self.frames) * self.tokens_per_frame
+        return start, min(T, self.sink_tokens - start)
+
+    def mark_block(self, T: int) -> None:
+        """Keep the T-token block at [length[b], length[b] + T) (what ``write`` does besides storing
+        K/V), for callers that store K/V themselves (the fused qk-norm/RoPE op). Host sync: none."""
+        tpf = self.tokens_per_frame
+        if isinstance(T, bool) or not isinstance(T, int) or T <= 0 or T % tpf:
+            raise ValueError(f"T must be a positive multiple of tokens_per_frame={tpf}, got {T!r}")
+        if len(self.frames) + T // tpf > self.max_frames:
+            raise ValueError(
+                f"block of {T // tpf} frames does not fit after {len(self.frames)} committed frames "
+                f"(max_frames={self.max_frames}); call prepare({T // tpf}) first"
+            )
+        idx = self.length.long()[:, None] + self._ar[:T]
+        self.keep.index_put_((self._bidx, idx), torch.ones((), dtype=torch.bool, device=self.device))
+
     def attend_len(self, T: int) -> torch.Tensor:
         """kv_len [B] int32 for attention over the committed tokens plus a T-token block. Host sync: none."""
         return self.length + T

@@ -8,7 +8,9 @@ Importing this module (``import tokentrim`` does) registers, each with a fake (m
   layer's ``masked_attention`` of one forward shares (an opaque pair of int32 tensors).
 - ``masked_attention(q, k, v, keep, kv_len, scale, tiles, count, backend) -> o``
 - ``compact_kv(kv!, keep, kv_len, backend) -> new_len`` (mutates ``kv`` in place)
-- the fused model ops of ``tokentrim.fused`` (registered there, through ``register`` below).
+- ``qk_norm_rope(q, k, v, wq, wk, cos, sin, eps, kv!, layer, start, k_raw!, n_raw, backend) -> q_rot``
+  (writes K/V into the cache buffer ``kv`` and raw keys into ``k_raw``: declared mutated)
+- ``rms_norm(x, w, eps, out_dtype, backend)``, ``ln_modulate(...)``, ``residual_ln_modulate(...)``
 
 Implementation: every op calls the ``tokentrim.ops`` dispatch with its ``backend`` argument
 ("auto" by default), so on CUDA tensors the implementation is the Triton launcher, on CPU the
@@ -125,4 +127,73 @@ def _(kv, keep, kv_len, backend="auto"):
     return kv_len.new_empty(kv_len.shape, dtype=torch.int32)
 
 
-__all__ = ["NAMESPACE", "attention_tiles", "compact_kv", "drift_topk", "masked_attention", "tile_n"]
+# ------------------------------------------------------------------------------ fused model ops
+@torch.library.custom_op(f"{NAMESPACE}::qk_norm_rope", mutates_args=("kv", "k_raw"))
+def qk_norm_rope(
+    q: Tensor, k: Tensor, v: Tensor, wq: Tensor, wk: Tensor, cos: Tensor, sin: Tensor, eps: float,
+    kv: Tensor, layer: int, start: Tensor, k_raw: Optional[Tensor] = None, n_raw: int = 0, backend: str = "auto",
+) -> Tensor:
+    """``tokentrim.ops.qk_norm_rope``: returns q_rot [B,T,H,D]; writes K/V (and raw K) into ``kv``/``k_raw``."""
+    return ops.qk_norm_rope(q, k, v, wq, wk, cos, sin, eps, kv, layer, start, k_raw, n_raw, backend=backend)
+
+
+@qk_norm_rope.register_fake
+def _(q, k, v, wq, wk, cos, sin, eps, kv, layer, start, k_raw=None, n_raw=0, backend="auto"):
+    B, T, _ = q.shape
+    return q.new_empty(B, T, kv.shape[-2], kv.shape[-1], dtype=kv.dtype)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::rms_norm", mutates_args=())
+def rms_norm(x: Tensor, w: Tensor, eps: float, out_dtype: torch.dtype, backend: str = "auto") -> Tensor:
+    """``tokentrim.ops.rms_norm``."""
+    return _fresh(ops.rms_norm(x, w, eps, out_dtype, backend=backend), x)
+
+
+@rms_norm.register_fake
+def _(x, w, eps, out_dtype, backend="auto"):
+    return torch.empty(x.shape, dtype=out_dtype, device=x.device)
+
+
+def _pair(t: Optional[Tensor], e: Optional[Tensor]):
+    if (t is None) != (e is None):
+        raise ValueError("a modulation vector needs both its table and its per-frame part (or neither)")
+    return None if t is None else (t, e)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::residual_ln_modulate", mutates_args=())
+def residual_ln_modulate(
+    x: Tensor, y: Tensor, gate_t: Optional[Tensor], gate_e: Optional[Tensor], weight: Optional[Tensor],
+    bias: Optional[Tensor], shift_t: Optional[Tensor], shift_e: Optional[Tensor], scale_t: Optional[Tensor],
+    scale_e: Optional[Tensor], eps: float, out_dtype: torch.dtype, backend: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    """``tokentrim.ops.residual_ln_modulate`` with the (table, per-frame) pairs flattened: (x_new, out)."""
+    xn, out = ops.residual_ln_modulate(x, y, _pair(gate_t, gate_e), weight, bias, _pair(shift_t, shift_e),
+                                       _pair(scale_t, scale_e), eps, out_dtype, backend=backend)
+    return _fresh(xn, x, y), _fresh(out, x, y)
+
+
+@residual_ln_modulate.register_fake
+def _(x, y, gate_t, gate_e, weight, bias, shift_t, shift_e, scale_t, scale_e, eps, out_dtype, backend="auto"):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty(x.shape, dtype=out_dtype, device=x.device)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::ln_modulate", mutates_args=())
+def ln_modulate(
+    x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], shift_t: Optional[Tensor], shift_e: Optional[Tensor],
+    scale_t: Optional[Tensor], scale_e: Optional[Tensor], eps: float, out_dtype: torch.dtype, backend: str = "auto",
+) -> Tensor:
+    """``tokentrim.ops.ln_modulate`` with the (table, per-frame) pairs flattened."""
+    out = ops.ln_modulate(x, weight, bias, _pair(shift_t, shift_e), _pair(scale_t, scale_e), eps, out_dtype,
+                          backend=backend)
+    return _fresh(out, x)
+
+
+@ln_modulate.register_fake
+def _(x, weight, bias, shift_t, shift_e, scale_t, scale_e, eps, out_dtype, backend="auto"):
+    return torch.empty(x.shape, dtype=out_dtype, device=x.device)
+
+
+__all__ = [
+    "NAMESPACE", "attention_tiles", "compact_kv", "drift_topk", "ln_modulate", "masked_attention", "qk_norm_rope",
+    "residual_ln_modulate", "rms_norm", "tile_n",
+]

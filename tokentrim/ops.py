@@ -155,3 +155,50 @@ def compact_kv(kv, keep, kv_len, backend: str = "auto", check_range: bool = Fals
 
 # Registers torch.ops.tokentrim.* (at the end: custom_ops calls back into this module).
 from tokentrim import custom_ops as _custom_ops  # noqa: E402, F401
+
+
+# ------------------------------------------------------------------------------- fused model ops
+# (kept after the registration import above: custom_ops looks these up at call time only)
+def qk_norm_rope(q, k, v, wq, wk, cos, sin, eps: float, kv, layer: int, start, k_raw=None, n_raw: int = 0,
+                 backend: str = "auto"):
+    """q/k RMSNorm across heads + 3D RoPE + cast, K and V written into the cache slot.
+
+    Args:
+        q, k, v: [B, T, dim] projections (dim = H*D), last dim contiguous.
+        wq, wk: [dim] RMSNorm weights. cos, sin: [T, D/2] fp32 RoPE tables of the block's tokens.
+        kv: the cache buffer [layers, 2, B, C, H, D]; k_rot/v go to kv[layer, 0/1, b, start[b] + t].
+        start: [B] int32/int64 device tensor (the cache length). k_raw: optional [B, >= n_raw, H, D]
+            that receives the normed un-rotated keys of the first n_raw tokens (raw sink).
+
+    Returns:
+        q_rot [B, T, H, D] in kv's dtype. Host sync: none.
+    """
+    if resolve_backend(backend, q.device) == "triton":
+        return _kernel("qk_norm_rope").qk_norm_rope(q, k, v, wq, wk, cos, sin, eps, kv, layer, start, k_raw, n_raw)
+    return reference.qk_norm_rope(q, k, v, wq, wk, cos, sin, eps, kv, layer, start, k_raw, n_raw)
+
+
+def rms_norm(x, w, eps: float, out_dtype: torch.dtype, backend: str = "auto"):
+    """RMSNorm of x [..., dim] over the last dim (fp32) times w [dim], cast once to out_dtype."""
+    if resolve_backend(backend, x.device) == "triton":
+        return _kernel("qk_norm_rope").rms_norm(x, w, eps, out_dtype)
+    return reference.rms_norm(x, w, eps, out_dtype)
+
+
+def residual_ln_modulate(x, y, gate, weight, bias, shift, scale, eps: float, out_dtype: torch.dtype,
+                         backend: str = "auto"):
+    """x_new = x + gate*y; out = (LayerNorm(x_new) [affine] * (1 + scale) + shift) cast to out_dtype.
+
+    x [B, F, S, dim] fp32 (the residual stream); y [B, F, S, dim]; gate, shift, scale: None or
+    (table [dim], per-frame [B, F, dim]) pairs, the vector being table + per-frame; weight/bias:
+    None or [dim]. y=None: plain LN + modulate (x_new is None). Returns (x_new fp32, out).
+    Host sync: none.
+    """
+    if resolve_backend(backend, x.device) == "triton":
+        return _kernel("ln_modulate").residual_ln_modulate(x, y, gate, weight, bias, shift, scale, eps, out_dtype)
+    return reference.residual_ln_modulate(x, y, gate, weight, bias, shift, scale, eps, out_dtype)
+
+
+def ln_modulate(x, weight, bias, shift, scale, eps: float, out_dtype: torch.dtype, backend: str = "auto"):
+    """``residual_ln_modulate`` without the residual: returns out only."""
+    return residual_ln_modulate(x, None, None, weight, bias, shift, scale, eps, out_dtype, backend)[1]

@@ -127,3 +127,73 @@ def compact_kv(kv: torch.Tensor, keep: torch.Tensor, kv_len: torch.Tensor) -> to
         n = idx.numel()
         kv[..., b, :n, :, :] = kv[..., b, :, :, :].index_select(-3, idx)
     return new_len
+
+
+# ------------------------------------------------------------------------------- fused model ops
+def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    return xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps) * w.float()
+
+
+def _rope_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, H: int) -> torch.Tensor:
+    """Rotate interleaved pairs of x [B, T, H*D] fp32 by cos/sin [T, D/2]: [B, T, H, D] fp32."""
+    B, T, _ = x.shape
+    p = x.reshape(B, T, H, -1, 2)
+    x0, x1 = p[..., 0], p[..., 1]
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    return torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1).flatten(-2)
+
+
+def qk_norm_rope(q, k, v, wq, wk, cos, sin, eps: float, kv, layer: int, start, k_raw=None, n_raw: int = 0):
+    """Reference of ``tokentrim.ops.qk_norm_rope``: RMSNorm across heads (fp32) then interleaved
+    RoPE, one rounding to kv's dtype. Writes k_rot / v into kv[layer, 0/1, b, start[b] + t] and the
+    normed un-rotated keys of tokens t < n_raw into k_raw. Returns q_rot [B, T, H, D] (kv dtype)."""
+    from tokentrim.kernels.validate_fused import check_qk_norm_rope_inputs
+
+    B, T, dim, H, D = check_qk_norm_rope_inputs(q, k, v, wq, wk, cos, sin, kv, layer, start, k_raw, n_raw)
+    qn, kn = _rms(q, wq, eps), _rms(k, wk, eps)
+    idx = start.long()[:, None] + torch.arange(T, device=q.device)
+    bidx = torch.arange(B, device=q.device)[:, None]
+    kv[layer, 0].index_put_((bidx, idx), _rope_pairs(kn, cos, sin, H).to(kv.dtype))
+    kv[layer, 1].index_put_((bidx, idx), v.reshape(B, T, H, D).to(kv.dtype))
+    if k_raw is not None and n_raw > 0:
+        k_raw[:, :n_raw].copy_(kn.reshape(B, T, H, D)[:, :n_raw])
+    return _rope_pairs(qn, cos, sin, H).to(kv.dtype)
+
+
+def rms_norm(x, w, eps: float, out_dtype: torch.dtype):
+    """Reference of ``tokentrim.ops.rms_norm``: RMSNorm over the last dim in fp32 times w, one rounding."""
+    from tokentrim.kernels.validate_fused import check_rms_norm_inputs
+
+    check_rms_norm_inputs(x, w, out_dtype)
+    return _rms(x, w, eps).to(out_dtype)
+
+
+def residual_ln_modulate(x, y, gate, weight, bias, shift, scale, eps: float, out_dtype: torch.dtype):
+    """Reference of ``tokentrim.ops.residual_ln_modulate`` (fp32 throughout, one rounding of out).
+
+    x_new = x + gate * y (x + y without gate); out = (LN(x_new)[*weight + bias] * (1 + scale) +
+    shift).to(out_dtype). gate/shift/scale are (table [dim], per-frame [B, F, dim]) pairs or None.
+    Returns (x_new, out); x_new is None when y is None (plain LN + modulate).
+    """
+    from tokentrim.kernels.validate_fused import check_ln_inputs
+
+    check_ln_inputs(x, y, gate, weight, bias, shift, scale, out_dtype)
+
+    def vec(p):
+        return (p[0].float() + p[1].float())[:, :, None, :]
+
+    xn = x
+    if y is not None:
+        xn = x + (y.float() * vec(gate) if gate is not None else y.float())
+    w = None if weight is None else weight.float()
+    b = None if bias is None else bias.float()
+    n = torch.nn.functional.layer_norm(xn, (x.shape[-1],), w, b, eps)
+    if shift is not None:
+        n = n * (1 + vec(scale)) + vec(shift)
+    return (xn if y is not None else None), n.to(out_dtype)
+
+
+def ln_modulate(x, weight, bias, shift, scale, eps: float, out_dtype: torch.dtype):
+    """Reference of ``tokentrim.ops.ln_modulate``: ``residual_ln_modulate`` without a residual."""
+    return residual_ln_modulate(x, None, None, weight, bias, shift, scale, eps, out_dtype)[1]

@@ -202,6 +202,10 @@ class WanModel(nn.Module):
             raise TypeError(f"cfg must be a WanConfig, got {type(cfg).__name__}")
         self.config = cfg
         self.attention_backend = "auto"  # tokentrim.ops backend of the cached self-attention
+        #: fused hot path of forward_cached (tokentrim.ops.qk_norm_rope / residual_ln_modulate /
+        #: rms_norm, GELU in the GEMM epilogue on CUDA): None = on for CUDA, off elsewhere
+        self.fused: bool | None = None
+        self.fused_backend = "auto"  # tokentrim.ops backend of the fused ops ("triton" on CPU needs the interpreter)
         with torch.device(device) if device is not None else nullcontext():
             d = cfg.dim
             self.patch_embedding = nn.Conv3d(cfg.in_dim, d, kernel_size=cfg.patch_size, stride=cfg.patch_size)
@@ -390,6 +394,8 @@ class WanModel(nn.Module):
         if raw_sink and cache.sink_frames > 0 and len(cache.frames) >= cache.sink_frames:
             start = _sink_rope_start(cache, frame_start)
             sink_rope = rope_cos_sin(self.rope_cos, self.rope_sin, start, cache.sink_frames, H // ph, W // pw)
+        if self.uses_fused(x.device):
+            return self._cached_fused(h, e, e0, ctx, cache, rope, sink_rope, kv_len, kv_only, H, W)
         last = len(self.blocks) - 1
         cdt = cache.dtype
         for i, block in enumerate(self.blocks):
@@ -407,6 +413,73 @@ class WanModel(nn.Module):
                                     self.attention_backend)
             h = block.finish(h, mod, o, ctx.k[i], ctx.v[i])
         return self._unpatchify(self.head(h, e), H, W)
+
+    def uses_fused(self, device) -> bool:
+        """Whether forward_cached takes the fused path on ``device`` (see ``fused``)."""
+        if self.fused is None:
+            return torch.device(device).type == "cuda"
+        return bool(self.fused)
+
+    def _ffn_fused(self, block, y):
+        """FFN of y [B, T, dim]: on CUDA (and meta, for op counts) the tanh-GELU runs in the first
+        GEMM's epilogue (torch._addmm_activation); elsewhere Linear, GELU(tanh), Linear eagerly
+        (the CPU _addmm_activation uses the exact GELU)."""
+        up, down = block.ffn[0], block.ffn[2]
+        if y.device.type in ("cuda", "meta"):
+            hid = torch._addmm_activation(up.bias, y.reshape(-1, y.shape[-1]), up.weight.t(), use_gelu=True)
+            hid = hid.view(*y.shape[:-1], -1)
+        else:
+            hid = block.ffn[1](up(y))
+        return down(hid)
+
+    def _cached_fused(self, h, e, e0, ctx, cache, rope, sink_rope, kv_len, kv_only, H, W):
+        """The layer loop of forward_cached on the fused ops (same semantics, fp32 residual stream
+        and modulation): LN+modulate, qk RMSNorm+RoPE written into the cache slot, attention, then
+        every residual fused with the next LayerNorm (+ modulate): norm3, the FFN's, and the next
+        block's (or the head's). Host sync: none."""
+        B, Fb, S, dim = h.shape
+        T = Fb * S
+        eps, wdt, fb = self.config.eps, self.dtype, self.fused_backend
+        blocks, last = self.blocks, len(self.blocks) - 1
+
+        def mod(i, j):  # (table row, per-frame) of modulation vector j of block i
+            return blocks[i].modulation[0, j], e0[:, :, j]
+
+        slot = cache.raw_sink_slot(T)
+        cache.mark_block(T)
+        y = tt.ln_modulate(h, None, None, *mod(0, 0), *mod(0, 1), eps, wdt, fb)
+        tiles = count = None
+        for i, block in enumerate(blocks):
+            a = block.self_attn
+            yf = y.flatten(1, 2)
+            raw = None if slot is None else cache.sink_raw[i, :, slot[0]:]
+            q = tt.qk_norm_rope(a.q(yf), a.k(yf), a.v(yf), a.norm_q.weight, a.norm_k.weight, rope[0], rope[1], eps,
+                                cache.kv, i, cache.length, raw, 0 if slot is None else slot[1], fb)
+            if kv_only and i == last:
+                return None
+            ck = cache.k(i)
+            if sink_rope is not None:
+                ck[:, : cache.sink_tokens].copy_(apply_rope(cache.sink_raw[i], *sink_rope))
+            if i == 0:
+                tiles, count = tt.attention_tiles(cache.keep, kv_len, self.attention_backend)
+            o = tt.masked_attention(q, ck, cache.v(i), cache.keep, kv_len, None, tiles, count, self.attention_backend)
+            o = a.o(o.flatten(2).to(wdt)).view(B, Fb, S, dim)
+            n3 = block.norm3
+            h, y = tt.residual_ln_modulate(h, o, *mod(i, 2), n3.weight, n3.bias, None, None, None, None, eps, wdt, fb)
+            c = block.cross_attn
+            cq = c.heads(tt.rms_norm(c.q(y.flatten(1, 2)), c.norm_q.weight, eps, wdt, fb)).transpose(1, 2)
+            co = F.scaled_dot_product_attention(cq, ctx.k[i], ctx.v[i]).transpose(1, 2).flatten(2)
+            h, y = tt.residual_ln_modulate(h, c.o(co).view(B, Fb, S, dim), None, None, None, None, *mod(i, 3),
+                                           *mod(i, 4), eps, wdt, fb)
+            f = self._ffn_fused(block, y.flatten(1, 2)).view(B, Fb, S, dim)
+            if i < last:
+                nxt = (*mod(i + 1, 0), *mod(i + 1, 1))
+            else:
+                hm = self.head.modulation
+                nxt = (hm[0, 0], e, hm[0, 1], e)
+            h, y = tt.residual_ln_modulate(h, f, *mod(i, 5), None, None, *nxt, eps, self.head.head.weight.dtype
+                                           if i == last else wdt, fb)
+        return self._unpatchify(self.head.head(y).float(), H, W)
 
     def _check_cache(self, cache, B: int, S: int):
         cfg = self.config
