@@ -264,13 +264,15 @@ class KVCache:
         start = len(self.frames) * self.tokens_per_frame
         return start, min(T, self.sink_tokens - start)
 
-    def mark_block(self, T: int) -> None:
+    def mark_block(self, T: int, check: bool = True) -> None:
         """Keep the T-token block at [length[b], length[b] + T) (what ``write`` does besides storing
-        K/V), for callers that store K/V themselves (the fused qk-norm/RoPE op). Host sync: none."""
+        K/V), for callers that store K/V themselves (the fused qk-norm/RoPE op). ``check=False``
+        skips the room check (it reads the frame list; a compiled caller checked beforehand).
+        Host sync: none."""
         tpf = self.tokens_per_frame
         if isinstance(T, bool) or not isinstance(T, int) or T <= 0 or T % tpf:
             raise ValueError(f"T must be a positive multiple of tokens_per_frame={tpf}, got {T!r}")
-        if len(self.frames) + T // tpf > self.max_frames:
+        if check and len(self.frames) + T // tpf > self.max_frames:
             raise ValueError(
                 f"block of {T // tpf} frames does not fit after {len(self.frames)} committed frames "
                 f"(max_frames={self.max_frames}); call prepare({T // tpf}) first"

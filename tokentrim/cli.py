@@ -97,6 +97,8 @@ def add_rollout_parser(subparsers) -> argparse.ArgumentParser:
                    help="attention-sink frames kept forever (Rolling Forcing needs >= 1)")
     g.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=False,
                    help="capture the cached forward into CUDA graphs (CUDA only; eager on CPU)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile the cached forward (fullgraph, fused ops); composes with --graphs")
     g = p.add_argument_group("output")
     g.add_argument("--out", metavar="DIR", default="tokentrim_out",
                    help="output folder for latents.pt, telemetry.json, telemetry.png")
@@ -170,9 +172,9 @@ def _make_rollout(args, parser, model, trim):
     try:
         if args.pipeline == "self-forcing":
             cfg = SelfForcingConfig(cache_frames=args.cache_frames, sink_frames=args.sink_frames)
-            return SelfForcingRollout(model, cfg, trim=trim, use_graphs=args.graphs)
+            return SelfForcingRollout(model, cfg, trim=trim, use_graphs=args.graphs, compile=args.compile)
         cfg = RollingForcingConfig(sink_frames=args.sink_frames)
-        return RollingForcingRollout(model, cfg, trim=trim, use_graphs=args.graphs)
+        return RollingForcingRollout(model, cfg, trim=trim, use_graphs=args.graphs, compile=args.compile)
     except (TypeError, ValueError) as e:
         parser.error(str(e))
 

@@ -96,6 +96,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="transformer and text encoder dtype (default bfloat16 on CUDA, float32 on CPU); "
                         "the VAE runs in float32")
     p.add_argument("--cuda-graphs", action="store_true", help="replay the cached forward with CUDA graphs")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the cached forward (fullgraph, fused ops); composes with --cuda-graphs")
     p.add_argument("--out", type=Path, default=Path("tokentrim.mp4"),
                    help="output mp4; with several prompts: <stem>_000.mp4, <stem>_001.mp4, ...")
     p.add_argument("--crf", type=int, default=18, help="H.264 quality: 0 lossless, 18 visually lossless, 23 x264's default")
@@ -290,7 +292,7 @@ def _check_compatible(model, text_dim: int, z_dim: int, source: str) -> None:
         raise GenerateError(f"{source}: transformer in/out channels {cfg.in_dim}/{cfg.out_dim} but the VAE has z_dim={z_dim}")
 
 
-def make_rollout(pipeline: str, model, trim: TokenTrimConfig | None, use_graphs: bool):
+def make_rollout(pipeline: str, model, trim: TokenTrimConfig | None, use_graphs: bool, compile: bool = False):
     from tokentrim.rollout import (
         RollingForcingConfig,
         RollingForcingRollout,
@@ -299,9 +301,9 @@ def make_rollout(pipeline: str, model, trim: TokenTrimConfig | None, use_graphs:
     )
 
     if pipeline == "self-forcing":
-        return SelfForcingRollout(model, SelfForcingConfig(), trim=trim, use_graphs=use_graphs)
+        return SelfForcingRollout(model, SelfForcingConfig(), trim=trim, use_graphs=use_graphs, compile=compile)
     if pipeline == "rolling-forcing":
-        return RollingForcingRollout(model, RollingForcingConfig(), trim=trim, use_graphs=use_graphs)
+        return RollingForcingRollout(model, RollingForcingConfig(), trim=trim, use_graphs=use_graphs, compile=compile)
     raise GenerateError(f"--pipeline must be one of {PIPELINES}, got {pipeline!r}")
 
 
@@ -413,10 +415,10 @@ def generate_batch(model, vae, text, prompts, paths, args, trim_cfg, num_blocks,
     grid_w, cell = lat_w // pw, (VAE_SPATIAL * ph, VAE_SPATIAL * pw)
     # panels left to right: (rollout, is_trim); --compare puts the plain rollout on the left.
     if args.compare:
-        panels = [(make_rollout(args.pipeline, model, None, args.cuda_graphs), False),
-                  (make_rollout(args.pipeline, model, trim_cfg, args.cuda_graphs), True)]
+        panels = [(make_rollout(args.pipeline, model, None, args.cuda_graphs, args.compile), False),
+                  (make_rollout(args.pipeline, model, trim_cfg, args.cuda_graphs, args.compile), True)]
     else:
-        panels = [(make_rollout(args.pipeline, model, trim_cfg if args.trim else None, args.cuda_graphs), args.trim)]
+        panels = [(make_rollout(args.pipeline, model, trim_cfg if args.trim else None, args.cuda_graphs, args.compile), args.trim)]
     outputs = [VideoOutput(p, prompt, args.overlay, FPS, args.crf, base_meta) for p, prompt in zip(paths, prompts)]
     streams = [[vae.streaming_decoder() for _ in panels] for _ in range(B)]
     gens = [r.iter_blocks(text, num_blocks, lat_h, lat_w, seed=args.seed) for r, _ in panels]

@@ -353,7 +353,16 @@ class WanModel(nn.Module):
         """Same as ``forward_full``."""
         return self.forward_full(x, t, ctx_or_text, frame_mask=frame_mask)
 
-    def forward_cached(self, x, t, ctx, cache, frame_start, kv_only: bool = False):
+    @staticmethod
+    def cache_state(cache, T: int) -> tuple:
+        """The host-side cache facts a T-token block's forward depends on, as a hashable tuple
+        (raw sink slot (start, count) or None, whether the raw sink is complete). A caller that
+        compiles ``forward_cached`` passes it as ``host_state`` so the traced code never reads the
+        cache's frame list (which would guard, and recompile, on every committed-frame count)."""
+        done = bool(cache.raw_sink) and cache.sink_frames > 0 and len(cache.frames) >= cache.sink_frames
+        return cache.raw_sink_slot(T), done
+
+    def forward_cached(self, x, t, ctx, cache, frame_start, kv_only: bool = False, host_state=None, fused=None):
         """One block of frames against the KV cache (does not commit).
 
         For every layer the block's keys (after RoPE, at frames frame_start..) and values are
@@ -371,6 +380,9 @@ class WanModel(nn.Module):
                 device tensor (graph-safe).
             kv_only: only write the cache (the timestep-0 refresh): skips the last layer's
                 attention/FFN and the head, returns None.
+            host_state: ``cache_state(cache, T)`` computed by the caller (fused path only; the
+                caller vouches that ``cache.prepare`` made room for the block), or None.
+            fused: take the fused path (True/False) regardless of ``self.fused``; None = ``self.fused``.
 
         Returns:
             flow prediction [B, Fb, out_dim, H, W] fp32, or None with kv_only.
@@ -391,11 +403,17 @@ class WanModel(nn.Module):
         kv_len = cache.attend_len(T)
         sink_rope = None
         raw_sink = bool(cache.raw_sink)
-        if raw_sink and cache.sink_frames > 0 and len(cache.frames) >= cache.sink_frames:
+        fused = self.uses_fused(x.device) if fused is None else bool(fused)
+        if host_state is None or not fused:
+            host_state = None
+            sink_done = raw_sink and cache.sink_frames > 0 and len(cache.frames) >= cache.sink_frames
+        else:
+            sink_done = host_state[1]
+        if sink_done:
             start = _sink_rope_start(cache, frame_start)
             sink_rope = rope_cos_sin(self.rope_cos, self.rope_sin, start, cache.sink_frames, H // ph, W // pw)
-        if self.uses_fused(x.device):
-            return self._cached_fused(h, e, e0, ctx, cache, rope, sink_rope, kv_len, kv_only, H, W)
+        if fused:
+            return self._cached_fused(h, e, e0, ctx, cache, rope, sink_rope, kv_len, kv_only, H, W, host_state)
         last = len(self.blocks) - 1
         cdt = cache.dtype
         for i, block in enumerate(self.blocks):
@@ -432,7 +450,7 @@ class WanModel(nn.Module):
             hid = block.ffn[1](up(y))
         return down(hid)
 
-    def _cached_fused(self, h, e, e0, ctx, cache, rope, sink_rope, kv_len, kv_only, H, W):
+    def _cached_fused(self, h, e, e0, ctx, cache, rope, sink_rope, kv_len, kv_only, H, W, host_state=None):
         """The layer loop of forward_cached on the fused ops (same semantics, fp32 residual stream
         and modulation): LN+modulate, qk RMSNorm+RoPE written into the cache slot, attention, then
         every residual fused with the next LayerNorm (+ modulate): norm3, the FFN's, and the next
@@ -445,8 +463,12 @@ class WanModel(nn.Module):
         def mod(i, j):  # (table row, per-frame) of modulation vector j of block i
             return blocks[i].modulation[0, j], e0[:, :, j]
 
-        slot = cache.raw_sink_slot(T)
-        cache.mark_block(T)
+        if host_state is None:
+            slot = cache.raw_sink_slot(T)
+            cache.mark_block(T)
+        else:
+            slot = host_state[0]
+            cache.mark_block(T, check=False)
         y = tt.ln_modulate(h, None, None, *mod(0, 0), *mod(0, 1), eps, wdt, fb)
         tiles = count = None
         for i, block in enumerate(blocks):

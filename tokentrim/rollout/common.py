@@ -279,7 +279,8 @@ class RolloutBase:
     config_class: type = object
     name = "rollout"
 
-    def __init__(self, model, config=None, trim: TokenTrimConfig | None = None, use_graphs: bool = False):
+    def __init__(self, model, config=None, trim: TokenTrimConfig | None = None, use_graphs: bool = False,
+                 compile: bool | str = False):
         if config is None:
             config = self.config_class()
         if not isinstance(config, self.config_class):
@@ -290,6 +291,10 @@ class RolloutBase:
         self.config = config
         self.trim = trim
         self.use_graphs = bool(use_graphs or config.use_graphs)
+        if not isinstance(compile, (bool, str)):
+            raise TypeError(f"compile must be a bool or a torch.compile backend name, got {compile!r}")
+        #: torch.compile the cached forward (fullgraph, fused ops), composed with the CUDA-graph runner
+        self.compile = compile
         self.facts = ModelFacts(model)
         self.schedule = FlowSchedule(config.shift)
         self.timesteps = self.schedule.warp(config.denoising_steps)  # [S] float32, t_0 = 1000

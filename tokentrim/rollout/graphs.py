@@ -12,6 +12,13 @@ Eviction (``cache.prepare``), pruning and compaction run outside the graphs, bet
 
 On the CPU, or with ``enabled=False``, the runner calls the model eagerly with the same arguments.
 
+With ``compile=True`` the runner calls ``torch.compile(model.forward_cached, fullgraph=True,
+dynamic=False)`` instead (default inductor mode: no cudagraphs inside the compiled region; on CUDA
+this runner captures the compiled forward into its own graphs). The compiled forward takes the
+fused path, a device-tensor ``frame_start`` and the host-side cache facts from
+``model.cache_state`` as arguments, so it never reads the cache's frame list and recompiles only
+per query shape, kv_only and raw-sink phase.
+
 A call may name another cache (Rolling Forcing's refresh cache); it gets its own captures, and
 ``calls``/``log`` count every forward whichever cache it used.
 """
@@ -33,10 +40,16 @@ class GraphRunner:
             never move).
         enabled: use CUDA graphs when the model is on CUDA; otherwise always eager.
         warmup: eager runs on a side stream before each capture (lets Triton autotune and compile).
+        compile: run ``torch.compile``'d forward_cached (see the module docstring): True = inductor,
+            a string = that torch.compile backend (e.g. "aot_eager"), False = eager.
     """
 
-    def __init__(self, model, ctx, cache, enabled: bool = True, warmup: int = 2):
+    def __init__(self, model, ctx, cache, enabled: bool = True, warmup: int = 2, compile: bool | str = False):
         self.model = model
+        self.compiled = None
+        if compile:
+            backend = compile if isinstance(compile, str) else "inductor"
+            self.compiled = torch.compile(model.forward_cached, fullgraph=True, dynamic=False, backend=backend)
         self.ctx = ctx
         self.cache = cache
         device = next(model.parameters()).device
@@ -69,7 +82,7 @@ class GraphRunner:
         self.log.append((int(x.shape[1]), len(cache.frames), bool(kv_only)))
         with nvtx_range("forward", frames=x.shape[1]):
             if not self.use_graphs:
-                return self.model.forward_cached(x, t, self.ctx, cache, frame_start, kv_only=kv_only)
+                return self._forward(cache, x, t, frame_start, kv_only)
             key = self._key(cache, x, kv_only)
             entry = self.graphs.get(key)
             if entry is None:
@@ -81,6 +94,21 @@ class GraphRunner:
             graph.replay()
             return None if out is None else out.clone()
 
+    def _forward(self, cache, x, t, frame_start, kv_only):
+        """One forward_cached call, eager or compiled."""
+        if self.compiled is None:
+            return self.model.forward_cached(x, t, self.ctx, cache, frame_start, kv_only=kv_only)
+        n = int(x.shape[1]) if isinstance(x, torch.Tensor) and x.dim() == 5 else 0
+        if n and len(cache.frames) + n > cache.max_frames:
+            raise ValueError(
+                f"block of {n} frames does not fit after {len(cache.frames)} committed frames "
+                f"(max_frames={cache.max_frames}); call prepare({n}) first"
+            )
+        if not isinstance(frame_start, torch.Tensor):
+            frame_start = torch.full((), int(frame_start), dtype=torch.int64, device=self.device)
+        state = self.model.cache_state(cache, n * cache.tokens_per_frame)
+        return self.compiled(x, t, self.ctx, cache, frame_start, kv_only=kv_only, host_state=state, fused=True)
+
     def _capture(self, key, cache, x, t, frame_start, kv_only):
         xs = x.detach().clone()
         ts = t.detach().to(torch.float32).clone()
@@ -91,13 +119,13 @@ class GraphRunner:
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(self.warmup):
-                self.model.forward_cached(xs, ts, self.ctx, cache, fs, kv_only=kv_only)
+                self._forward(cache, xs, ts, fs, kv_only)
         torch.cuda.current_stream(self.device).wait_stream(side)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            out = self.model.forward_cached(xs, ts, self.ctx, cache, fs, kv_only=kv_only)
+            out = self._forward(cache, xs, ts, fs, kv_only)
         entry = (graph, xs, ts, fs, out)
         self.graphs[key] = entry
         self.captures += 1

@@ -164,6 +164,7 @@ class RollingForcingRollout(RolloutBase):
         config: ``RollingForcingConfig`` (defaults if None).
         trim: ``TokenTrimConfig`` or None (None or ``enabled=False`` = the plain rollout).
         use_graphs: CUDA graphs for the cached forward (or ``config.use_graphs``); eager on CPU.
+        compile: ``torch.compile`` the cached forward (fullgraph, fused ops); composes with use_graphs.
 
     ``run(...)`` returns a ``RolloutResult`` whose ``windows`` lists every window forward with its
     per-frame timesteps.
@@ -187,7 +188,7 @@ class RollingForcingRollout(RolloutBase):
 
         self.cache = KVCache(facts.num_layers, batch, facts.num_heads, facts.head_dim, tpf, cfg.cache_frames,
                              sink_frames=cfg.sink_frames, raw_sink=True, dtype=facts.dtype, device=facts.device)
-        self.runner = GraphRunner(self.model, ctx, self.cache, enabled=self.use_graphs)
+        self.runner = GraphRunner(self.model, ctx, self.cache, enabled=self.use_graphs, compile=self.compile)
         self.refresh_cache = None
         if cfg.refresh_frames:
             self.refresh_cache = KVCache(facts.num_layers, batch, facts.num_heads, facts.head_dim, tpf,

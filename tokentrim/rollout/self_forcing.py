@@ -108,6 +108,7 @@ class SelfForcingRollout(RolloutBase):
         config: ``SelfForcingConfig`` (default settings if None).
         trim: ``TokenTrimConfig`` or None. None or ``enabled=False`` runs the plain rollout.
         use_graphs: CUDA graphs for the cached forward (or ``config.use_graphs``); eager on CPU.
+        compile: ``torch.compile`` the cached forward (fullgraph, fused ops); composes with use_graphs.
     """
 
     config_class = SelfForcingConfig
@@ -124,7 +125,7 @@ class SelfForcingRollout(RolloutBase):
         ctx, batch = prepare_text(self.model, text)
         cfg, facts = self.config, self.facts
         self.cache = self._make_cache(batch, tpf)
-        self.runner = GraphRunner(self.model, ctx, self.cache, enabled=self.use_graphs)
+        self.runner = GraphRunner(self.model, ctx, self.cache, enabled=self.use_graphs, compile=self.compile)
         self.hook = TrimHook(self.trim, batch, cfg.compact_after_prune)
         self.recorder = BlockRecorder(facts.device)
         self._shape = (batch, cfg.block_frames, facts.channels, height, width)
