@@ -60,7 +60,12 @@ def count_forward(cfg: WanConfig, W: int = 832, H: int = 480, fused: bool = True
 
 def run(args, device: torch.device) -> list[dict]:
     cfg = WanConfig.preset(args.hotpath_config)
-    W, H = (int(v) for v in args.hotpath_size.lower().split("x"))
+    try:
+        W, H = (int(v) for v in args.hotpath_size.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--hotpath-size must be WxH in pixels (e.g. 832x480), got {args.hotpath_size!r}") from None
+    if W <= 0 or H <= 0 or W % 16 or H % 16:
+        raise ValueError(f"--hotpath-size must be positive multiples of 16 (VAE 8x, patch 2x), got {W}x{H}")
     shape = f"{cfg.num_layers}L dim={cfg.dim} B=1 3 frames {W}x{H} cache 21 frames"
     rows = []
     for impl, fused in (("unfused", False), ("fused", True)):

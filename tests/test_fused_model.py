@@ -100,3 +100,18 @@ def test_meta_op_count_drops_with_fusion():
     assert n1 * 3 < n0 and b1 < b0, (n0, b0, n1, b1)
     assert counts[True].calls["tokentrim::qk_norm_rope"] == cfg.num_layers
     assert counts[True].total(("matmul",))[0] == counts[False].total(("matmul",))[0]
+
+
+def test_hotpath_bench_section_on_tiny():
+    """bench/bench_hotpath.py's rows (meta device) on the tiny preset: fused beats unfused on both metrics."""
+    import types
+
+    from bench import bench_hotpath
+
+    args = types.SimpleNamespace(hotpath_config="tiny", hotpath_size="64x32", repeats=1, quick=True)
+    rows = bench_hotpath.run(args, torch.device("cpu"))
+    got = {(r["impl"], r["metric"]): r for r in rows}
+    for metric in ("non_matmul_ops", "non_matmul_bytes"):
+        assert got[("fused", metric)]["ratio"] > 1 and got[("unfused", metric)]["ratio"] == 1
+    with pytest.raises(ValueError, match="hotpath-size"):
+        bench_hotpath.run(types.SimpleNamespace(hotpath_config="tiny", hotpath_size="64by32"), torch.device("cpu"))
