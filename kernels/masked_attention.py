@@ -37,13 +37,26 @@ def tile_size() -> int:
 def _configs():
     if _INTERPRET:
         return [triton.Config({"BLOCK_M": 16}, num_warps=1, num_stages=1)]
+    # sm_90a review compile (bench/aot.py): BLOCK_M 128 with 4 warps spills 100-230 bytes (the
+    # [128, 128] fp32 accumulator alone is 128 registers per thread), so BLOCK_M 128 runs 8 warps.
     return [
         triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s)
-        for bm, w, s in [(64, 4, 2), (64, 4, 3), (128, 4, 3), (128, 8, 3), (128, 8, 4), (128, 4, 4)]
+        for bm, w, s in [(64, 4, 2), (64, 4, 3), (128, 8, 3), (128, 8, 4)]
     ]
 
 
-@triton.autotune(configs=_configs(), key=["LQ_BUCKET", "HEAD_DIM", "HAS_KEEP"])
+def _prune_configs(configs, named_args, **kwargs):
+    """fp32 inputs (IEEE dot) exist for tests: one small config that fits in shared memory."""
+    if kwargs.get("IEEE_DOT", named_args.get("IEEE_DOT")):
+        return [c for c in configs if c.kwargs.get("BLOCK_M") == 64 and c.num_stages <= 2] or configs[:1]
+    return configs
+
+
+@triton.autotune(
+    configs=_configs(),
+    key=["LQ_BUCKET", "LK_BUCKET", "HEAD_DIM", "HAS_KEEP", "IEEE_DOT"],
+    prune_configs_by={"early_config_prune": _prune_configs},
+)
 @triton.jit
 def _masked_attn_fwd(
     Q, K, V, O, KEEP, KV_LEN, TILES, TILE_COUNT,
@@ -53,7 +66,7 @@ def _masked_attn_fwd(
     sob, sol, soh,
     skeep_b, stiles_b,
     Lq, Lk, H, qk_scale,
-    LQ_BUCKET,
+    LQ_BUCKET, LK_BUCKET,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_KEEP: tl.constexpr, HAS_KV_LEN: tl.constexpr, IEEE_DOT: tl.constexpr,
 ):  # fmt: skip
@@ -127,6 +140,11 @@ def _masked_attn_fwd(
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
 
 
+def _bucket(n: int) -> int:
+    """Next power of two of n, capped: the autotune key groups similar lengths together."""
+    return min(1 << max(n - 1, 0).bit_length(), 1 << 17)
+
+
 def kept_tiles(keep: torch.Tensor, kv_len: torch.Tensor | None, block_n: int):
     """Tiles of ``block_n`` keys holding at least one attended key, per video.
 
@@ -157,7 +175,8 @@ def masked_attention(q, k, v, keep=None, kv_len=None, scale=None, out=None, chec
     """Flash attention of q over the attended keys of k/v (see the module docstring).
 
     Args:
-        q: [B,Lq,H,D] bf16/fp16/fp32, D in {64, 128}, last dim contiguous.
+        q: [B,Lq,H,D] bf16/fp16 (fast path), or fp32 (exact IEEE dot, one small config: meant
+            for tests and the interpreter, not speed), D in {64, 128}, last dim contiguous.
         k, v: [B,Lk_max,H,D], q's dtype, any strides with a contiguous last dim.
         keep: optional [B,Lk_max] bool, True = attend (copied only if its last stride is not 1).
         kv_len: optional [B] int32/int64 on q's device; values above Lk_max are clamped in the kernel.
@@ -223,7 +242,7 @@ def masked_attention(q, k, v, keep=None, kv_len=None, scale=None, out=None, chec
         out.stride(0), out.stride(1), out.stride(2),
         skeep_b, stiles_b,
         Lq, Lk, H, scale * _LOG2E,
-        min(1 << max(Lq - 1, 0).bit_length(), 1 << 15),
+        _bucket(Lq), _bucket(Lk),
         HEAD_DIM=D, BLOCK_N=block_n,
         HAS_KEEP=keep is not None, HAS_KV_LEN=kv_len is not None, IEEE_DOT=q.dtype == torch.float32,
     )  # fmt: skip

@@ -298,6 +298,8 @@ class RolloutBase:
         self.facts = ModelFacts(model)
         self.schedule = FlowSchedule(config.shift)
         self.timesteps = self.schedule.warp(config.denoising_steps)  # [S] float32, t_0 = 1000
+        #: the same timesteps as Python floats (the step loops use these: no tensor, no sync)
+        self.timestep_values: list[float] = self.timesteps.tolist()
         if trim is not None and trim.enabled:
             trim.resolve_detect_step(len(self.timesteps))  # validates detect_step
         self.cache = None

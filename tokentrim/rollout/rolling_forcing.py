@@ -196,6 +196,7 @@ class RollingForcingRollout(RolloutBase):
         self.hook = TrimHook(self.trim, batch, cfg.compact_after_prune)
         self.recorder = BlockRecorder(facts.device)
         self.windows = []
+        self._t_windows: dict = {}
         S, bf = len(self.timesteps), cfg.block_frames
         shape = (batch, bf, facts.channels, height, width)
         noise: dict[int, torch.Tensor] = {}  # block -> [S, B, bf, C, H, W]
@@ -214,14 +215,15 @@ class RollingForcingRollout(RolloutBase):
                 finishing = blocks[0] if levels[0] == S - 1 else None
                 with nvtx_range("window", index=w):
                     x = torch.cat([state[b] for b in blocks], dim=1)
-                    t = torch.cat([self.timesteps[j].expand(batch, bf) for j in levels], dim=1).to(facts.device)
+                    t = self._window_timesteps(levels, batch)
                     fs = first * bf
                     self.cache.prepare(x.shape[1])
                     attended = list(self.cache.frames)
                     x0 = self._window(x, t, fs)
                     forwards += 1
                     win = {"window": w, "blocks": blocks, "frame_start": fs, "levels": levels,
-                           "timesteps": t[0].tolist(), "cache_frames": attended}
+                           "timesteps": [self.timestep_values[j] for j in levels for _ in range(bf)],
+                           "cache_frames": attended}
                     self.windows.append(win)
                     pending.append(win)
                     trim_record, passes = None, 0
@@ -232,7 +234,7 @@ class RollingForcingRollout(RolloutBase):
                         if levels[k] < S - 1:
                             j = levels[k] + 1
                             x0_b = x0[:, k * bf:(k + 1) * bf]
-                            state[b] = self.schedule.renoise(x0_b, noise[b][j], float(self.timesteps[j]))
+                            state[b] = self.schedule.renoise(x0_b, noise[b][j], self.timestep_values[j])
                     if finishing is None:
                         continue
                     done = x0[:, :bf].contiguous()
@@ -246,6 +248,18 @@ class RollingForcingRollout(RolloutBase):
                 pending, forwards = [], 0
                 prev = done
                 yield BlockOutput(finishing, done, rec)
+
+    def _window_timesteps(self, levels: list[int], batch: int) -> torch.Tensor:
+        """Per-frame timesteps [batch, len(levels)*bf] f32 on the model's device for a window whose
+        blocks sit at noise ``levels``. Built once per distinct pattern (start-up, steady state and
+        drain windows: at most 2*S of them) and reused, so a window makes no host-to-device copy."""
+        key = (tuple(levels), batch)
+        cached = self._t_windows.get(key)
+        if cached is None:
+            bf = self.config.block_frames
+            t = torch.cat([self.timesteps[j].expand(batch, bf) for j in levels], dim=1)
+            cached = self._t_windows[key] = t.to(self.facts.device)
+        return cached
 
     def _refresh(self, done: torch.Tensor, b: int) -> list[int]:
         """Timestep-0 forward of finished block ``b`` (x0 ``done`` [B, bf, C, H, W] f32): writes its
@@ -303,8 +317,9 @@ class RollingForcingRollout(RolloutBase):
             with nvtx_range("regenerate", block=b, attempt=passes):
                 x0_new = self._window(x, t, fs)
             n += 1
-            sel = torch.tensor([v in videos for v in range(B)], device=x0.device).view(B, 1, 1, 1, 1)
-            x0 = torch.where(sel, x0_new, x0)
+            x0 = x0.clone()  # per-video selection by slicing: no mask built from host data
+            for v in videos:
+                x0[v] = x0_new[v]
             d = hook.decide(x0[:, :bf], prev, b)
             for v in videos:
                 final_sev[v] = d.severity[v]

@@ -80,6 +80,15 @@ class FlowSchedule:
             )
         return s.reshape(*s.shape, *([1] * (x.dim() - s.dim())))
 
+    def _sigma_like(self, timestep, x: torch.Tensor):
+        """sigma of ``timestep`` ready to combine with x: a Python float stays a float (no tensor is
+        built, so nothing is copied to the device), a tensor becomes float64 on x's device."""
+        if isinstance(timestep, (int, float)) and not isinstance(timestep, bool):
+            return float(timestep) / self.num_train_timesteps
+        if not isinstance(timestep, torch.Tensor):
+            raise TypeError(f"timestep must be a number or a tensor, got {type(timestep).__name__}")
+        return self._expand(self.sigma(timestep.to(x.device)), x)
+
     def x0_from_flow(self, flow: torch.Tensor, x_t: torch.Tensor, timestep) -> torch.Tensor:
         """Clean latents from the predicted flow: ``x0 = x_t - sigma * flow``.
 
@@ -88,11 +97,13 @@ class FlowSchedule:
         Args:
             flow: [B, F, C, H, W] predicted flow (any float dtype).
             x_t: [B, F, C, H, W] noisy latents the flow was predicted from.
-            timestep: scalar, [B] or [B, F] timesteps (0..num_train_timesteps).
+            timestep: a Python number (no tensor is built: graph- and sync-friendly), or a scalar,
+                [B] or [B, F] tensor of timesteps (0..num_train_timesteps), ideally on x_t's device
+                (a CPU tensor with CUDA latents costs a host-to-device copy).
         """
         if flow.shape != x_t.shape:
             raise ValueError(f"flow and x_t must have the same shape, got {tuple(flow.shape)} and {tuple(x_t.shape)}")
-        s = self._expand(self.sigma(torch.as_tensor(timestep)), x_t)
+        s = self._sigma_like(timestep, x_t)
         return (x_t.to(torch.float64) - s * flow.to(torch.float64)).to(x_t.dtype)
 
     def renoise(self, x0: torch.Tensor, noise: torch.Tensor, timestep) -> torch.Tensor:
@@ -100,9 +111,10 @@ class FlowSchedule:
 
         Args:
             x0, noise: [B, F, C, H, W].
-            timestep: scalar, [B] or [B, F] target timesteps.
+            timestep: a Python number, or a scalar, [B] or [B, F] tensor of target timesteps (as
+                in ``x0_from_flow``).
         """
         if noise.shape != x0.shape:
             raise ValueError(f"noise and x0 must have the same shape, got {tuple(noise.shape)} and {tuple(x0.shape)}")
-        s = self._expand(self.sigma(torch.as_tensor(timestep)), x0)
+        s = self._sigma_like(timestep, x0)
         return ((1.0 - s) * x0.to(torch.float64) + s * noise.to(torch.float64)).to(x0.dtype)

@@ -172,7 +172,7 @@ class SelfForcingRollout(RolloutBase):
         x = noise[0]
         cand = None
         n = 0
-        for i, t in enumerate(self.timesteps.tolist()):
+        for i, t in enumerate(self.timestep_values):
             with nvtx_range("step", block=b, step=i):
                 flow = self.runner(x.to(self.facts.dtype), self._t(t), fs)
                 n += 1
@@ -182,7 +182,7 @@ class SelfForcingRollout(RolloutBase):
                     if on_candidate is not None and on_candidate(x0):
                         return None, cand, n
                 if i + 1 < len(self.timesteps):
-                    x = self.schedule.renoise(x0, noise[i + 1], float(self.timesteps[i + 1]))
+                    x = self.schedule.renoise(x0, noise[i + 1], self.timestep_values[i + 1])
         return x0, cand, n
 
     def _block(self, b: int, prev: torch.Tensor | None):
@@ -216,18 +216,18 @@ class SelfForcingRollout(RolloutBase):
         final_sev = list(first.severity)
         regen = [0] * B
         passes = 0
-        redo = torch.zeros(B, dtype=torch.bool)
         while x0 is None:  # some video flagged and a regeneration allowed
             videos = [v for v in range(B) if d.prune[v]]
             hook.prune(self.cache, d, videos, prev_frames)
             passes += 1
             for v in videos:
                 regen[v] += 1
-            redo = torch.tensor([v in videos for v in range(B)])
-            sel = redo.to(noise.device).view(1, B, 1, 1, 1, 1)
+            # per-video selection by slicing (no mask tensor built from host data: no copy to the device)
             if not tcfg.same_noise:
-                noise = torch.where(sel, self._noise(b, attempt=passes), noise)
-            state["eligible"] = redo.tolist()
+                fresh, noise = self._noise(b, attempt=passes), noise.clone()
+                for v in videos:
+                    noise[:, v] = fresh[:, v]
+            state["eligible"] = [v in videos for v in range(B)]
             state["allow"] = passes < max_regen
             with nvtx_range("regenerate", block=b, attempt=passes):
                 x0, cand, n = self._denoise(noise, b, detect, on_candidate)
@@ -239,7 +239,9 @@ class SelfForcingRollout(RolloutBase):
             if full is None or best is None:
                 best = full
             else:
-                best = torch.where(sel[0], full, best)
+                best = best.clone()
+                for v in videos:
+                    best[v] = full[v]
         if passes:
             # videos not regenerated in the last pass keep their own earlier result (equal when
             # it was recomputed: same noise, cache unchanged for them)
