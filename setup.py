@@ -30,6 +30,8 @@ setup(
             "einops",
             "nvtx",
             "ruff",
+            "setuptools>=64",
+            "wheel",  # the offline install (pip --no-build-isolation) of bench/gpu_check.sh builds here
             "diffusers>=0.33",
         ],
         "video": [

@@ -14,7 +14,8 @@ fine, nothing is checked but the compile.
 
 Must run without TRITON_INTERPRET (the interpreter replaces ``@triton.jit``); this script removes
 it before importing triton. ``tests/test_aot.py`` (``pytest -m aot``) runs it in a subprocess.
-Every module of ``kernels/`` that defines a ``@triton.jit`` kernel must have an entry in ``CASES``
+The cases live in ``bench/aot_cases*.py`` (each a ``CASES`` dict: kernels module -> cases); every
+module of ``kernels/`` that defines a ``@triton.jit`` kernel must have one
 (``tests/test_aot.py::test_every_kernel_module_has_an_aot_case`` checks it in the default suite).
 """
 
@@ -174,76 +175,23 @@ def _install(recorder: _Recorder):
     Autotuner.run = every_config
 
 
-# ---------------------------------------------------------------------------------------------
-# Cases at the Wan2.1-1.3B shapes (832x480: 1560 tokens per latent frame, 12 heads of 128).
-# Keys: the kernels/ module a case covers. A case is a callable that launches that module's
-# kernels; tensors are CPU tensors (only their dtype, strides and alignment matter).
+def all_cases() -> dict[str, Callable[[], list]]:
+    """module name in kernels/ -> cases, merged from every ``bench/aot_cases*.py`` (each defines
+    ``CASES``; a new kernel module adds its cases in such a file)."""
+    import importlib
+    from pathlib import Path
 
-TOKENS_PER_FRAME = 1560
-HEADS, HEAD_DIM = 12, 128
-
-
-def _attention_cases() -> list[tuple[str, Callable[[], object]]]:
-    from tokentrim.kernels import masked_attention as ma
-
-    cases = []
-    lq = 3 * TOKENS_PER_FRAME
-    lk = 21 * TOKENS_PER_FRAME
-    for dtype in (torch.bfloat16, torch.float16):
-        # k/v as views of a [layers, 2, B, L, H, D] cache, the way the model passes them
-        cache = torch.empty(1, 2, 1, lk, HEADS, HEAD_DIM, dtype=dtype)
-        q = torch.empty(1, lq, HEADS, HEAD_DIM, dtype=dtype)
-        kv_len = torch.full((1,), lk, dtype=torch.int32)
-        keep = torch.ones(1, lk, dtype=torch.bool)
-        name = str(dtype).replace("torch.", "")
-        cases.append((f"{name} dense", lambda q=q, c=cache, n=kv_len: ma.masked_attention(q, c[0, 0], c[0, 1], kv_len=n)))
-        cases.append(
-            (
-                f"{name} keep",
-                lambda q=q, c=cache, n=kv_len, m=keep: ma.masked_attention(q, c[0, 0], c[0, 1], keep=m, kv_len=n),
-            )
-        )
-    return cases
-
-
-def _attention_fp32_cases():
-    from tokentrim.kernels import masked_attention as ma
-
-    q = torch.empty(1, 3 * TOKENS_PER_FRAME, HEADS, HEAD_DIM, dtype=torch.float32)
-    k = torch.empty(1, 21 * TOKENS_PER_FRAME, HEADS, HEAD_DIM, dtype=torch.float32)
-    return [("fp32 dense (tests only)", lambda: ma.masked_attention(q, k, k))]
-
-
-def _drift_cases():
-    from tokentrim.kernels import drift
-
-    cases = []
-    for dtype in (torch.bfloat16,):  # the dtype only changes the loads; bf16 is what rollouts pass
-        cand = torch.empty(1, 3, 16, 60, 104, dtype=dtype)
-        prev = torch.empty(1, 3, 16, 60, 104, dtype=dtype)
-        name = str(dtype).replace("torch.", "")
-        cases.append((f"{name} two launches", lambda c=cand, p=prev: drift.drift_topk(c, p, 156)))
-        cases.append((f"{name} single launch", lambda c=cand, p=prev: drift.drift_topk(c, p, 156, single_launch=True)))
-    return cases
-
-
-def _compact_cases():
-    from tokentrim.kernels import kv_compact
-
-    cases = []
-    for dtype in (torch.bfloat16,):
-        kv = torch.empty(2, 2, 1, 21 * TOKENS_PER_FRAME, HEADS, HEAD_DIM, dtype=dtype)
-        keep = torch.ones(1, kv.shape[3], dtype=torch.bool)
-        kv_len = torch.full((1,), kv.shape[3], dtype=torch.int32)
-        cases.append(("bf16 cache", lambda kv=kv, m=keep, n=kv_len: kv_compact.compact_kv(kv, m, n)))
-    return cases
-
-
-CASES: dict[str, Callable[[], list]] = {
-    "masked_attention": lambda: _attention_cases() + _attention_fp32_cases(),
-    "drift": _drift_cases,
-    "kv_compact": _compact_cases,
-}
+    here = Path(__file__).resolve().parent
+    if str(here.parent) not in sys.path:
+        sys.path.insert(0, str(here.parent))
+    merged: dict[str, Callable[[], list]] = {}
+    for f in sorted(here.glob("aot_cases*.py")):
+        mod = importlib.import_module(f"bench.{f.stem}")
+        for name, make in mod.CASES.items():
+            if name in merged:
+                raise RuntimeError(f"aot: kernels module {name!r} has cases in two files")
+            merged[name] = make
+    return merged
 
 
 def run(only: list[str] | None = None, shard: tuple[int, int] = (0, 1)) -> list[dict]:
@@ -252,7 +200,7 @@ def run(only: list[str] | None = None, shard: tuple[int, int] = (0, 1)) -> list[
     rec = _Recorder()
     _install(rec)
     n = 0
-    for module, make in CASES.items():
+    for module, make in all_cases().items():
         if only and module not in only:
             continue
         for label, call in make():
@@ -298,15 +246,16 @@ def main(argv=None) -> int:
         "registers, spills, shared memory and wgmma use per autotune config.",
     )
     p.add_argument("--json", type=str, default=None, help="also write the records to this JSON file")
-    p.add_argument("--only", type=str, default=None, help=f"comma-separated modules among {', '.join(CASES)}")
+    cases = all_cases()
+    p.add_argument("--only", type=str, default=None, help=f"comma-separated modules among {', '.join(cases)}")
     p.add_argument("--shard", type=str, default="0/1", help="I/N: compile only every N-th case starting at I")
     p.add_argument("--no-fail", action="store_true", help="exit 0 even when the gate finds a problem")
     args = p.parse_args(argv)
     only = args.only.split(",") if args.only else None
     if only:
-        unknown = [m for m in only if m not in CASES]
+        unknown = [m for m in only if m not in cases]
         if unknown:
-            p.error(f"--only: unknown module(s) {unknown}; choose among {list(CASES)}")
+            p.error(f"--only: unknown module(s) {unknown}; choose among {list(cases)}")
     try:
         i, n = (int(x) for x in args.shard.split("/"))
         if not 0 <= i < n:
