@@ -12,7 +12,6 @@ from collections.abc import Callable
 
 import torch
 
-
 TOKENS_PER_FRAME = 1560
 HEADS, HEAD_DIM = 12, 128
 

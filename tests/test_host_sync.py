@@ -22,7 +22,12 @@ import torch
 import tokentrim
 from tokentrim.config import TokenTrimConfig
 from tokentrim.model import WanConfig, WanModel
-from tokentrim.rollout import RollingForcingConfig, RollingForcingRollout, SelfForcingConfig, SelfForcingRollout
+from tokentrim.rollout import (
+    RollingForcingConfig,
+    RollingForcingRollout,
+    SelfForcingConfig,
+    SelfForcingRollout,
+)
 from tokentrim.rollout import schedule as schedule_mod
 
 PKG = Path(tokentrim.__file__).resolve().parent
