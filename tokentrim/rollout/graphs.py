@@ -4,8 +4,8 @@ On CUDA (with ``enabled``) the cached forward is captured once per distinct *cap
 ``torch.cuda.CUDAGraph`` whose inputs are static buffers: ``x`` [B, F, C, H, W] (model dtype),
 ``t`` [B, F] float32 and ``frame_start`` (a 0-dim int64 device tensor). Every later call copies its
 inputs into those buffers and replays. The capture key is the query shape plus the host-side cache
-state that changes control flow inside the forward (whether Rolling Forcing's raw sink is still
-being written, and where the sink is rotated relative to the block). Everything else that changes
+state that changes control flow inside the forward (while Rolling Forcing's raw sink is being
+written: the raw-key slot the block writes, which the capture freezes). Everything else that changes
 between steps - cache lengths, write offsets, keep masks, compaction - lives in device tensors
 that the cache updates in place, so captures stay valid (docs/internals.md, graph-safety rule).
 Eviction (``cache.prepare``), pruning and compaction run outside the graphs, between replays.
@@ -66,9 +66,12 @@ class GraphRunner:
     def _key(self, cache, x: torch.Tensor, kv_only: bool) -> tuple:
         key = (id(cache), tuple(x.shape), kv_only)
         if getattr(cache, "raw_sink", False):
-            # While the sink is being written the model stores raw keys; afterwards it re-rotates
-            # them at a device-side frame (cache.sink_anchor), so one capture serves every window.
-            key += (len(cache.frames) < cache.sink_frames,)
+            # While the sink is being written the model stores raw keys at a host-side slot that the
+            # capture freezes (sink_frames > block_frames: a different slot per block), so the slot
+            # is part of the key; afterwards (slot None) it re-rotates them at a device-side frame
+            # (cache.sink_anchor), so one capture serves every window.
+            T = int(x.shape[1]) * cache.tokens_per_frame if x.dim() == 5 else 0
+            key += (cache.raw_sink_slot(T),)
         return key
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, frame_start: int, kv_only: bool = False, cache=None):
