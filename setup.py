@@ -1,6 +1,97 @@
 """tokentrim: fused Triton kernels + a streamlined Wan2.1 AR rollout with TokenTrim."""
 
+import os
+import shlex
+import shutil
+import sys
+import sysconfig
+
 from setuptools import setup
+
+NATIVE_DOC = "README.md#native-extension-tokentrim_c"
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "0") not in ("", "0")
+
+
+def _warn(msg: str) -> None:
+    """The one build-time warning of the native extension (stderr; `pip install -v` shows it)."""
+    print(f"WARNING: tokentrim: {msg}; the pure-PyTorch paths are used instead (see {NATIVE_DOC})", file=sys.stderr)
+
+
+def _compiler_found() -> bool:
+    cxx = os.environ.get("CXX") or sysconfig.get_config_var("CXX") or "c++"
+    words = shlex.split(cxx)
+    return bool(words) and shutil.which(words[0]) is not None
+
+
+def native_extensions():
+    """(ext_modules, cmdclass) for tokentrim._C (C++ CPU kernels) and, when torch has CUDA and nvcc
+    is found, tokentrim._C_cuda (the CUB drift top-k stage). Empty when skipped: TOKENTRIM_NO_EXT=1,
+    no C++ compiler, or torch not importable here (pip's build isolation: use
+    ``pip install --no-build-isolation``). A failed compile warns once and installs without it."""
+    if _flag("TOKENTRIM_NO_EXT"):
+        print("tokentrim: TOKENTRIM_NO_EXT is set, native extension tokentrim._C not built", file=sys.stderr)
+        return [], {}
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        _warn(
+            "torch is not importable where setup.py runs (pip's isolated build environment?), so the native "
+            "extension tokentrim._C is not built; build it with `pip install --no-build-isolation -e .`"
+        )
+        return [], {}
+    if not _compiler_found():
+        _warn("no C++ compiler found (set CXX), so the native extension tokentrim._C is not built")
+        return [], {}
+
+    version = [("TOKENTRIM_TORCH_VERSION", f'"{torch.__version__}"')]
+    cxx_flags = ["-O2", "-fopenmp"]  # OpenMP: at::parallel_for's threads (torch's own libgomp at run time)
+    exts = [
+        cpp_extension.CppExtension(
+            "tokentrim._C",
+            ["csrc/native.cpp"],
+            define_macros=version,
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=["-fopenmp"],
+        )
+    ]
+    nvcc = os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc") if cpp_extension.CUDA_HOME else None
+    if torch.version.cuda and nvcc and os.path.exists(nvcc) and not _flag("TOKENTRIM_NO_CUDA_EXT"):
+        exts.append(
+            cpp_extension.CUDAExtension(
+                "tokentrim._C_cuda",
+                ["csrc/cuda/drift_select.cu", "csrc/cuda/drift_select_binding.cpp"],
+                define_macros=version,
+                extra_compile_args={"cxx": ["-O2"], "nvcc": ["-O2"]},
+            )
+        )
+
+    class OptionalBuildExt(cpp_extension.BuildExtension):
+        """Build each extension on its own; one that fails is dropped with a warning, never fatal."""
+
+        def run(self):
+            try:
+                super().run()
+            except Exception as e:  # raised before any extension was built (compiler setup)
+                _warn(f"building the native extensions failed ({type(e).__name__}: {e})")
+                self.extensions = []
+                self.distribution.ext_modules = []
+
+        def build_extension(self, ext):
+            try:
+                super().build_extension(ext)
+            except Exception as e:  # CompileError, LinkError, OSError, CalledProcessError...
+                _warn(f"building {ext.name} failed ({type(e).__name__}: {e}), so it is not installed")
+                self.extensions = [x for x in self.extensions if x is not ext]
+                self.distribution.ext_modules = [x for x in self.distribution.ext_modules if x is not ext]
+
+    return exts, {"build_ext": OptionalBuildExt.with_options(no_python_abi_suffix=False)}
+
+
+EXT_MODULES, CMDCLASS = native_extensions()
 
 setup(
     name="tokentrim",
@@ -44,4 +135,6 @@ setup(
         ],
     },
     entry_points={"console_scripts": ["tokentrim=tokentrim.cli:main"]},
+    ext_modules=EXT_MODULES,
+    cmdclass=CMDCLASS,
 )

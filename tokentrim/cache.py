@@ -59,7 +59,7 @@ class KVCache:
             occupies kv positions [0, sink_tokens) and cannot be pruned.
         dtype: float32, float16 or bfloat16.
         device: where every buffer lives.
-        backend: ``tokentrim.ops`` backend for compaction ("auto", "triton", "reference").
+        backend: ``tokentrim.ops`` backend for compaction ("auto", "triton", "reference", "native").
     """
 
     def __init__(

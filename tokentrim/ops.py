@@ -2,10 +2,13 @@
 
 Dispatch (``backend=``):
 
-- ``"auto"``: the Triton kernel for CUDA tensors, the reference otherwise.
+- ``"auto"``: the Triton kernel for CUDA tensors; on CPU the native C++ kernel where the extension
+  ``tokentrim._C`` is built and has one (``drift_topk``, ``compact_kv``), else the reference.
 - ``"triton"``: the Triton kernel; on CPU tensors only under ``TRITON_INTERPRET=1`` (set before
   tokentrim is imported).
 - ``"reference"``: the pure-PyTorch definition, on any device.
+- ``"native"``: the C++ CPU kernel of ``tokentrim._C`` (``drift_topk`` and ``compact_kv`` only, CPU
+  tensors only; see ``tokentrim.native``).
 
 A backend that cannot serve the request raises ``RuntimeError`` saying why.
 """
@@ -18,7 +21,7 @@ import os
 
 import torch
 
-from tokentrim import reference
+from tokentrim import native, reference
 from tokentrim.kernels.validate import (
     check_attention_inputs,
     check_compact_inputs,
@@ -27,7 +30,8 @@ from tokentrim.kernels.validate import (
     check_kv_len_range_if_free,
 )
 
-BACKENDS = ("auto", "triton", "reference")
+BACKENDS = ("auto", "triton", "reference", "native")
+NATIVE_OPS = ("drift_topk", "compact_kv")  # ops with a native CPU kernel in tokentrim._C
 
 
 def interpreter_enabled() -> bool:
@@ -44,15 +48,27 @@ def triton_available() -> bool:
     return True
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Return "triton" or "reference" for a tensor on ``device``, or raise if unservable."""
+def resolve_backend(backend: str, device: torch.device, op: str | None = None) -> str:
+    """Return "triton", "native" or "reference" for op ``op`` on a tensor on ``device``, or raise
+    if unservable. "auto" picks "native" only for an ``op`` in ``NATIVE_OPS`` on CPU when built."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "reference":
         return "reference"
+    if backend == "native":
+        if op is not None and op not in NATIVE_OPS:
+            raise RuntimeError(f"backend='native' has no {op} kernel (native ops: {', '.join(NATIVE_OPS)})")
+        if device.type != "cpu":
+            raise RuntimeError(f"backend='native' runs on CPU tensors, got {device.type} tensors")
+        native.require()
+        return "native"
     can_triton = triton_available() and (device.type == "cuda" or (device.type == "cpu" and interpreter_enabled()))
     if backend == "auto":
-        return "triton" if (can_triton and device.type == "cuda") else "reference"
+        if can_triton and device.type == "cuda":
+            return "triton"
+        if device.type == "cpu" and op in NATIVE_OPS and native.available():
+            return "native"
+        return "reference"
     if not triton_available():
         raise RuntimeError("backend='triton' requested but triton is not installed")
     if not can_triton:
@@ -87,8 +103,11 @@ def drift_topk(cand, prev, k: int, patch=(2, 2), backend: str = "auto", check_fi
     if check_finite_inputs:
         check_finite("cand", cand)
         check_finite("prev", prev)
-    if resolve_backend(backend, cand.device) == "triton":
+    impl = resolve_backend(backend, cand.device, "drift_topk")
+    if impl == "triton":
         return _kernel("drift").drift_topk(cand, prev, k, patch)
+    if impl == "native":
+        return native.drift_topk(cand, prev, k, patch)
     return reference.drift_topk(cand, prev, k, patch)
 
 
@@ -99,7 +118,7 @@ def attention_tiles(keep, kv_len=None, backend: str = "auto"):
     every ``masked_attention`` call under the same keep/kv_len (e.g. all layers of one forward),
     or None where the backend has no use for it (reference). Host sync: none.
     """
-    if keep is None or resolve_backend(backend, keep.device) != "triton":
+    if keep is None or resolve_backend(backend, keep.device, "attention_tiles") != "triton":
         return None
     kernel = _kernel("masked_attention")
     return kernel.kept_tiles(keep, kv_len, kernel.tile_size())
@@ -126,7 +145,7 @@ def masked_attention(
     """
     check_attention_inputs(q, k, v, keep, kv_len)
     check_kv_len_range_if_free(kv_len, k.shape[1], force=check_range)
-    if resolve_backend(backend, q.device) == "triton":
+    if resolve_backend(backend, q.device, "masked_attention") == "triton":
         return _kernel("masked_attention").masked_attention(
             q, k, v, keep=keep, kv_len=kv_len, scale=scale, tiles=tiles
         )
@@ -148,8 +167,11 @@ def compact_kv(kv, keep, kv_len, backend: str = "auto", check_range: bool = Fals
     """
     check_compact_inputs(kv, keep, kv_len)
     check_kv_len_range_if_free(kv_len, kv.shape[-3], force=check_range)
-    if resolve_backend(backend, kv.device) == "triton":
+    impl = resolve_backend(backend, kv.device, "compact_kv")
+    if impl == "triton":
         return _kernel("kv_compact").compact_kv(kv, keep, kv_len)
+    if impl == "native":
+        return native.compact_kv(kv, keep, kv_len)
     return reference.compact_kv(kv, keep, kv_len)
 
 
