@@ -15,9 +15,14 @@ def _flag(name: str) -> bool:
     return os.environ.get(name, "0") not in ("", "0")
 
 
+# pip runs setup.py once for metadata and once to build: speak only in the build.
+_BUILDING = any(cmd in sys.argv for cmd in ("build", "build_ext", "bdist_wheel", "editable_wheel", "develop", "install"))
+
+
 def _warn(msg: str) -> None:
     """The one build-time warning of the native extension (stderr; `pip install -v` shows it)."""
-    print(f"WARNING: tokentrim: {msg}; the pure-PyTorch paths are used instead (see {NATIVE_DOC})", file=sys.stderr)
+    if _BUILDING:
+        print(f"WARNING: tokentrim: {msg}; the pure-PyTorch paths are used instead (see {NATIVE_DOC})", file=sys.stderr)
 
 
 def _compiler_found() -> bool:
@@ -32,7 +37,8 @@ def native_extensions():
     no C++ compiler, or torch not importable here (pip's build isolation: use
     ``pip install --no-build-isolation``). A failed compile warns once and installs without it."""
     if _flag("TOKENTRIM_NO_EXT"):
-        print("tokentrim: TOKENTRIM_NO_EXT is set, native extension tokentrim._C not built", file=sys.stderr)
+        if _BUILDING:
+            print("tokentrim: TOKENTRIM_NO_EXT is set, native extension tokentrim._C not built", file=sys.stderr)
         return [], {}
     try:
         import torch
