@@ -344,6 +344,8 @@ def test_auto_prefers_native_on_cpu(monkeypatch):
     assert calls == [1]
     with pytest.raises(RuntimeError, match="masked_attention"):
         ops.masked_attention(*(make((1, 3, 2, 64)),) * 3, backend="native")
+    with pytest.raises(RuntimeError, match="rms_norm"):
+        ops.rms_norm(torch.zeros(2, 4), torch.ones(4), 1e-6, torch.float32, backend="native")
     with pytest.raises(RuntimeError, match="CPU tensors"):
         ops.compact_kv(torch.zeros(1, 2, 1, 4, device="meta"), torch.ones(1, 2, dtype=torch.bool, device="meta"),
                        torch.ones(1, dtype=torch.int32, device="meta"), backend="native")  # fmt: skip

@@ -56,8 +56,8 @@ def resolve_backend(backend: str, device: torch.device, op: str | None = None) -
     if backend == "reference":
         return "reference"
     if backend == "native":
-        if op is not None and op not in NATIVE_OPS:
-            raise RuntimeError(f"backend='native' has no {op} kernel (native ops: {', '.join(NATIVE_OPS)})")
+        if op not in NATIVE_OPS:
+            raise RuntimeError(f"backend='native' has no {op or 'such'} kernel (native ops: {', '.join(NATIVE_OPS)})")
         if device.type != "cpu":
             raise RuntimeError(f"backend='native' runs on CPU tensors, got {device.type} tensors")
         native.require()
@@ -195,14 +195,14 @@ def qk_norm_rope(q, k, v, wq, wk, cos, sin, eps: float, kv, layer: int, start, k
     Returns:
         q_rot [B, T, H, D] in kv's dtype. Host sync: none.
     """
-    if resolve_backend(backend, q.device) == "triton":
+    if resolve_backend(backend, q.device, "qk_norm_rope") == "triton":
         return _kernel("qk_norm_rope").qk_norm_rope(q, k, v, wq, wk, cos, sin, eps, kv, layer, start, k_raw, n_raw)
     return reference.qk_norm_rope(q, k, v, wq, wk, cos, sin, eps, kv, layer, start, k_raw, n_raw)
 
 
 def rms_norm(x, w, eps: float, out_dtype: torch.dtype, backend: str = "auto"):
     """RMSNorm of x [..., dim] over the last dim (fp32) times w [dim], cast once to out_dtype."""
-    if resolve_backend(backend, x.device) == "triton":
+    if resolve_backend(backend, x.device, "rms_norm") == "triton":
         return _kernel("qk_norm_rope").rms_norm(x, w, eps, out_dtype)
     return reference.rms_norm(x, w, eps, out_dtype)
 
@@ -216,7 +216,7 @@ def residual_ln_modulate(x, y, gate, weight, bias, shift, scale, eps: float, out
     None or [dim]. y=None: plain LN + modulate (x_new is None). Returns (x_new fp32, out).
     Host sync: none.
     """
-    if resolve_backend(backend, x.device) == "triton":
+    if resolve_backend(backend, x.device, "residual_ln_modulate") == "triton":
         return _kernel("ln_modulate").residual_ln_modulate(x, y, gate, weight, bias, shift, scale, eps, out_dtype)
     return reference.residual_ln_modulate(x, y, gate, weight, bias, shift, scale, eps, out_dtype)
 
