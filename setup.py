@@ -81,10 +81,19 @@ def native_extensions():
         def run(self):
             try:
                 super().run()
-            except Exception as e:  # raised before any extension was built (compiler setup)
-                _warn(f"building the native extensions failed ({type(e).__name__}: {e})")
-                self.extensions = []
-                self.distribution.ext_modules = []
+            except Exception as e:  # raised before any extension was built (compiler / CUDA setup)
+                cuda = [x for x in self.extensions if x.name == "tokentrim._C_cuda"]
+                _warn(f"building {', '.join(x.name for x in self.extensions)} failed ({type(e).__name__}: {e})")
+                self.extensions = [x for x in self.extensions if x not in cuda]
+                self.distribution.ext_modules = list(self.extensions)
+                if not (cuda and self.extensions):
+                    self.extensions = self.distribution.ext_modules = []
+                    return
+                try:  # a CUDA setup error (e.g. nvcc vs torch CUDA version) must not cost the CPU kernels
+                    super().run()
+                except Exception as e2:
+                    _warn(f"building tokentrim._C failed ({type(e2).__name__}: {e2})")
+                    self.extensions = self.distribution.ext_modules = []
 
         def build_extension(self, ext):
             try:
