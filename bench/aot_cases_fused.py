@@ -2,7 +2,8 @@
 
 Each case calls a real launcher on CPU tensors of the Wan2.1-1.3B shapes (832x480: 1560 tokens per
 latent frame, a 3-frame block, 12 heads of 128, dim 1536), in bf16 and fp16, covering every
-constexpr variant the model launches: cache write, cache write + raw sink, rms_norm; gated
+constexpr variant the model launches: cache write, cache write + raw sink, rms_norm, raw-sink
+re-rotation (rope_into); gated
 residual + LN + modulate, gated residual + affine LN, LN + modulate. For the sm_90a gate
 (``bench/aot.py``): ``CASES.update(aot_cases_fused.CASES)``. Nothing is launched there; only the
 compile (registers, spills, shared memory) is checked.
@@ -36,6 +37,7 @@ def _qk_norm_rope_cases() -> list[tuple[str, Callable[[], object]]]:
         cases.append((f"{name} raw sink", lambda q=q, kv=kv, r=raw: k.qk_norm_rope(q, q, q, w, w, cs, cs, 1e-6, kv, 0, start,
                                                                                   r, T)))
         cases.append((f"{name} rms_norm", lambda q=q, dt=dt: k.rms_norm(q, w, 1e-6, dt)))
+        cases.append((f"{name} rope_into", lambda r=raw, kv=kv: k.rope_into(r, cs, cs, kv, 0)))
     return cases
 
 

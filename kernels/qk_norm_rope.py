@@ -13,6 +13,8 @@ T tokens of a block (one program per (video, token), the whole row of dim = H*D 
   there too (Rolling Forcing's raw sink).
 
 ``rms_norm(x, w, eps, out_dtype)`` is the same kernel without RoPE and cache: [..., dim] -> out_dtype.
+``rope_into(x, cos, sin, kv, layer)``: RoPE only, x [B, L, H, D] rotated into kv[layer, 0, :, :L]
+(Rolling Forcing's raw sink re-rotated in front of the working cache every forward).
 
 Host syncs: none. Offsets are int64.
 """
@@ -25,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .validate_fused import check_qk_norm_rope_inputs, check_rms_norm_inputs
+from .validate_fused import check_qk_norm_rope_inputs, check_rms_norm_inputs, check_rope_into_inputs
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -83,6 +85,26 @@ def _qk_norm_rope_kernel(
         tl.store(KV_V + row + offs, v.to(KV_V.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _rope_into_kernel(
+    X, COS, SIN, OUT, sx_b, sx_t, so_b, so_t, scos_t, T, dim,
+    HALF_D: tl.constexpr, BLOCK_HALF: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // T
+    t = pid % T
+    j = tl.arange(0, BLOCK_HALF)
+    pair_ok = j < dim // 2
+    offs = j[:, None] * 2 + tl.arange(0, 2)[None, :]
+    mask = pair_ok[:, None] & (offs < dim)
+    p = j % HALF_D
+    c = tl.load(COS + t * scos_t + p, mask=pair_ok, other=1.0)
+    s = tl.load(SIN + t * scos_t + p, mask=pair_ok, other=0.0)
+    x = tl.load(X + b * sx_b + t * sx_t + offs, mask=mask, other=0.0).to(tl.float32)
+    x0, x1 = tl.split(x)
+    _rotate_store(OUT + b * so_b + t * so_t, x0, x1, c, s, offs, mask)
+
+
 def _num_warps(dim: int) -> int:
     return 1 if _INTERPRET else (4 if dim <= 2048 else 8)
 
@@ -106,6 +128,19 @@ def qk_norm_rope(q, k, v, wq, wk, cos, sin, eps: float, kv, layer: int, start, k
     return qo
 
 
+def rope_into(x, cos, sin, kv, layer: int):
+    """Rotate x [B, L, H, D] (Rolling Forcing's raw sink keys) by cos/sin [L, D/2] fp32 and write the
+    result into the first L slots of kv[layer, 0] (kv [layers, 2, B, C, H, D]). Host sync: none."""
+    B, L, H, D = check_rope_into_inputs(x, cos, sin, kv, layer)
+    if B * L == 0:
+        return
+    out = kv[layer, 0]
+    _rope_into_kernel[(B * L,)](
+        x, cos, sin, out, x.stride(0), x.stride(1), out.stride(0), out.stride(1), cos.stride(0), L, H * D,
+        HALF_D=D // 2, BLOCK_HALF=triton.next_power_of_2(max(H * D // 2, 1)), num_warps=_num_warps(H * D),
+    )  # fmt: skip
+
+
 def rms_norm(x, w, eps: float, out_dtype: torch.dtype):
     """RMSNorm of x [..., dim] over its last dim in fp32, times w [dim], cast to out_dtype (one rounding)."""
     dim = check_rms_norm_inputs(x, w, out_dtype)
@@ -127,4 +162,4 @@ def rms_norm(x, w, eps: float, out_dtype: torch.dtype):
     return out
 
 
-__all__ = ["qk_norm_rope", "rms_norm"]
+__all__ = ["qk_norm_rope", "rms_norm", "rope_into"]

@@ -125,3 +125,29 @@ def check_ln_inputs(x, y, gate, weight, bias, shift, scale, out_dtype) -> None:
             if w.device != x.device:
                 raise ValueError(f"{name} is on {w.device} but x is on {x.device}")
     check_out_dtype(out_dtype)
+
+
+def check_rope_into_inputs(x, cos, sin, kv, layer) -> tuple:
+    """Validate ``rope_into`` inputs; return (B, L, H, D)."""
+    check_tensor("x", x, ndim=4, dtypes=FLOAT_DTYPES)
+    B, L, H, D = x.shape
+    if x.stride(3) != 1 or x.stride(2) != D:
+        raise ValueError(f"x must have contiguous (H, D) dims, got strides {x.stride()}")
+    if D % 2:
+        raise ValueError(f"head dim D must be even for RoPE, got {D}")
+    check_tensor("kv", kv, ndim=6, dtypes=FLOAT_DTYPES)
+    if kv.shape[1] != 2 or kv.shape[2] != B or kv.shape[3] < L or tuple(kv.shape[4:]) != (H, D) or kv.stride(-1) != 1 \
+            or kv.stride(-2) != D:
+        raise ValueError(f"kv must be [layers, 2, B={B}, >= L={L}, H={H}, D={D}] with contiguous (H, D), got {tuple(kv.shape)}")
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < kv.shape[0]:
+        raise ValueError(f"layer must be an int in [0, {kv.shape[0]}), got {layer!r}")
+    for name, t in (("cos", cos), ("sin", sin)):
+        check_tensor(name, t, ndim=2, dtypes=(torch.float32,))
+        if tuple(t.shape) != (L, D // 2) or t.stride(1) != 1:
+            raise ValueError(f"{name} must be a [L={L}, D/2={D // 2}] fp32 table with stride 1, got {tuple(t.shape)}")
+    if sin.stride(0) != cos.stride(0):
+        raise ValueError(f"cos and sin must share strides, got {cos.stride()} and {sin.stride()}")
+    for name, t in (("cos", cos), ("sin", sin), ("kv", kv)):
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all inputs must share a device")
+    return B, L, H, D

@@ -93,6 +93,30 @@ def test_qk_norm_rope_bad_inputs():
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
+def test_rope_into_kernel_matches_reference(dtype):
+    """The raw sink re-rotated into the first L cache slots of one layer; everything else untouched."""
+    backend = "triton" if (HAS_CUDA or ops.interpreter_enabled()) else "reference"
+    B, L, H, D = 2, 5, 3, 10
+    x = _randn(B, L, H, D, seed=21, dtype=dtype)
+    g = torch.Generator().manual_seed(22)
+    ang = torch.rand(L, D // 2, generator=g) * 6.3
+    cos, sin = ang.cos().to(DEVICE), ang.sin().to(DEVICE)
+    kv = torch.full((2, 2, B, L + 4, H, D), float("nan"), dtype=dtype, device=DEVICE)
+    kv_ref = kv.clone()
+    ops.rope_into(x, cos, sin, kv, 1, backend=backend)
+    reference.rope_into(x, cos, sin, kv_ref, 1)
+    torch.testing.assert_close(kv, kv_ref, rtol=TOL[dtype], atol=TOL[dtype], equal_nan=True)
+    assert not kv[1, 0, :, :L].isnan().any()
+    rest = torch.ones_like(kv, dtype=torch.bool)
+    rest[1, 0, :, :L] = False
+    assert kv[rest].isnan().all()
+    if dtype == torch.float32:  # the reference twin is the model's apply_rope
+        torch.testing.assert_close(kv_ref[1, 0, :, :L], apply_rope(x, cos, sin))
+    with pytest.raises(ValueError, match="layer must be"):
+        ops.rope_into(x, cos, sin, kv, 2, backend="reference")
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
 def test_rms_norm_kernel_matches_reference(dtype):
     backend = "triton" if (HAS_CUDA or ops.interpreter_enabled()) else "reference"
     x = _randn(2, 5, 3, 38, seed=7, dtype=dtype, scale=3.0)
@@ -179,3 +203,4 @@ def test_fused_custom_ops_opcheck():
     torch.library.opcheck(tt.ln_modulate, (x, None, None, table[3], e0[:, :, 3], table[4], e0[:, :, 4], 1e-6,
                                            torch.float32, "reference"), test_utils=tests)
     torch.library.opcheck(tt.rms_norm, (y, w, 1e-6, torch.float16, "reference"), test_utils=tests)
+    torch.library.opcheck(tt.rope_into, (k.view(1, 3, 2, 8), cos, sin, kv, 0, "reference"), test_utils=tests)

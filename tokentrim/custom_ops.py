@@ -10,6 +10,7 @@ Importing this module (``import tokentrim`` does) registers, each with a fake (m
 - ``compact_kv(kv!, keep, kv_len, backend) -> new_len`` (mutates ``kv`` in place)
 - ``qk_norm_rope(q, k, v, wq, wk, cos, sin, eps, kv!, layer, start, k_raw!, n_raw, backend) -> q_rot``
   (writes K/V into the cache buffer ``kv`` and raw keys into ``k_raw``: declared mutated)
+- ``rope_into(x, cos, sin, kv!, layer, backend)``: the raw sink re-rotated into kv[layer, 0, :, :L]
 - ``rms_norm(x, w, eps, out_dtype, backend)``, ``ln_modulate(...)``, ``residual_ln_modulate(...)``
 
 Implementation: every op calls the ``tokentrim.ops`` dispatch with its ``backend`` argument
@@ -143,6 +144,17 @@ def _(q, k, v, wq, wk, cos, sin, eps, kv, layer, start, k_raw=None, n_raw=0, bac
     return q.new_empty(B, T, kv.shape[-2], kv.shape[-1], dtype=kv.dtype)
 
 
+@torch.library.custom_op(f"{NAMESPACE}::rope_into", mutates_args=("kv",))
+def rope_into(x: Tensor, cos: Tensor, sin: Tensor, kv: Tensor, layer: int, backend: str = "auto") -> None:
+    """``tokentrim.ops.rope_into``: kv[layer, 0, :, :L] = RoPE(x), in place."""
+    ops.rope_into(x, cos, sin, kv, layer, backend=backend)
+
+
+@rope_into.register_fake
+def _(x, cos, sin, kv, layer, backend="auto"):
+    return None
+
+
 @torch.library.custom_op(f"{NAMESPACE}::rms_norm", mutates_args=())
 def rms_norm(x: Tensor, w: Tensor, eps: float, out_dtype: torch.dtype, backend: str = "auto") -> Tensor:
     """``tokentrim.ops.rms_norm``."""
@@ -195,5 +207,5 @@ def _(x, weight, bias, shift_t, shift_e, scale_t, scale_e, eps, out_dtype, backe
 
 __all__ = [
     "NAMESPACE", "attention_tiles", "compact_kv", "drift_topk", "ln_modulate", "masked_attention", "qk_norm_rope",
-    "residual_ln_modulate", "rms_norm", "tile_n",
+    "residual_ln_modulate", "rms_norm", "rope_into", "tile_n",
 ]

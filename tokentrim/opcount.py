@@ -16,7 +16,7 @@
 Bytes of an op = bytes of its distinct tensor inputs + bytes of its outputs, with two corrections
 for ops that write into an existing tensor: ``index_put_``/``index_copy_``/``copy_`` count the
 values written (read + write) instead of the whole destination, and an in-place op's output is
-not counted again; ``tokentrim::qk_norm_rope`` counts the cache slots it writes, not the whole
+not counted again; ``tokentrim::qk_norm_rope`` / ``rope_into`` count the cache slots they write, not the whole
 cache buffer it is handed. Tensors are counted at their view size (e.g. a cache view [B, capacity, H, D]
 read by attention counts the whole capacity: an upper bound, exact for a full cache).
 """
@@ -63,7 +63,13 @@ def _qk_norm_rope_bytes(args, kwargs, out) -> int:
     return read + _nbytes(out) * 3 + out.shape[0] * n_raw * per_token
 
 
-CUSTOM_BYTES = {"tokentrim::qk_norm_rope": _qk_norm_rope_bytes}
+def _rope_into_bytes(args, kwargs, out) -> int:
+    """x and the tables read; x's rows written (rotated) into the cache, not the whole buffer."""
+    x, cos, sin, kv = args[:4]
+    return sum(_nbytes(t) for t in (x, cos, sin)) + x.numel() * kv.element_size()
+
+
+CUSTOM_BYTES = {"tokentrim::qk_norm_rope": _qk_norm_rope_bytes, "tokentrim::rope_into": _rope_into_bytes}
 
 
 def op_bytes(func, args, kwargs, out) -> int:

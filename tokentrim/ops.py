@@ -200,6 +200,14 @@ def qk_norm_rope(q, k, v, wq, wk, cos, sin, eps: float, kv, layer: int, start, k
     return reference.qk_norm_rope(q, k, v, wq, wk, cos, sin, eps, kv, layer, start, k_raw, n_raw)
 
 
+def rope_into(x, cos, sin, kv, layer: int, backend: str = "auto") -> None:
+    """RoPE of x [B, L, H, D] by cos/sin [L, D/2] fp32 written into kv[layer, 0, :, :L] (the raw
+    Rolling Forcing sink re-rotated in front of the cache). In place; host sync: none."""
+    if resolve_backend(backend, x.device) == "triton":
+        return _kernel("qk_norm_rope").rope_into(x, cos, sin, kv, layer)
+    return reference.rope_into(x, cos, sin, kv, layer)
+
+
 def rms_norm(x, w, eps: float, out_dtype: torch.dtype, backend: str = "auto"):
     """RMSNorm of x [..., dim] over the last dim (fp32) times w [dim], cast once to out_dtype."""
     if resolve_backend(backend, x.device, "rms_norm") == "triton":

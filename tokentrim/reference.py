@@ -161,6 +161,14 @@ def qk_norm_rope(q, k, v, wq, wk, cos, sin, eps: float, kv, layer: int, start, k
     return _rope_pairs(qn, cos, sin, H).to(kv.dtype)
 
 
+def rope_into(x, cos, sin, kv, layer: int) -> None:
+    """Reference of ``tokentrim.ops.rope_into``: kv[layer, 0, :, :L] = RoPE(x) (fp32, one rounding)."""
+    from tokentrim.kernels.validate_fused import check_rope_into_inputs
+
+    B, L, H, D = check_rope_into_inputs(x, cos, sin, kv, layer)
+    kv[layer, 0, :, :L].copy_(_rope_pairs(x.float().reshape(B, L, H * D), cos, sin, H))
+
+
 def rms_norm(x, w, eps: float, out_dtype: torch.dtype):
     """Reference of ``tokentrim.ops.rms_norm``: RMSNorm over the last dim in fp32 times w, one rounding."""
     from tokentrim.kernels.validate_fused import check_rms_norm_inputs

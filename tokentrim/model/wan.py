@@ -479,9 +479,9 @@ class WanModel(nn.Module):
                                 cache.kv, i, cache.length, raw, 0 if slot is None else slot[1], fb)
             if kv_only and i == last:
                 return None
-            ck = cache.k(i)
             if sink_rope is not None:
-                ck[:, : cache.sink_tokens].copy_(apply_rope(cache.sink_raw[i], *sink_rope))
+                tt.rope_into(cache.sink_raw[i], sink_rope[0], sink_rope[1], cache.kv, i, fb)
+            ck = cache.k(i)
             if i == 0:
                 tiles, count = tt.attention_tiles(cache.keep, kv_len, self.attention_backend)
             o = tt.masked_attention(q, ck, cache.v(i), cache.keep, kv_len, None, tiles, count, self.attention_backend)
