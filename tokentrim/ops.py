@@ -203,7 +203,7 @@ def qk_norm_rope(q, k, v, wq, wk, cos, sin, eps: float, kv, layer: int, start, k
 def rope_into(x, cos, sin, kv, layer: int, backend: str = "auto") -> None:
     """RoPE of x [B, L, H, D] by cos/sin [L, D/2] fp32 written into kv[layer, 0, :, :L] (the raw
     Rolling Forcing sink re-rotated in front of the cache). In place; host sync: none."""
-    if resolve_backend(backend, x.device) == "triton":
+    if resolve_backend(backend, x.device, "rope_into") == "triton":
         return _kernel("qk_norm_rope").rope_into(x, cos, sin, kv, layer)
     return reference.rope_into(x, cos, sin, kv, layer)
 
