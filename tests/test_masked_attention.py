@@ -125,18 +125,36 @@ def test_skipped_tiles_are_not_loaded():
     torch.testing.assert_close(got, want, **TOL[torch.float32])
 
 
-def test_kept_tiles_list():
-    B, L = 3, 5 * T + 1
-    keep = random_keep(B, L, 0.1, 3)
-    keep[:, 2 * T : 3 * T] = False
+def test_attention_plan_lists_full_and_partial_tiles():
+    """The plan against a Python recount: full FULL_TILE-key tiles, partial PART_TILE-key tiles
+    (attended, not all, not inside a full tile), packed keep bits, counts."""
+    F, P = kattn.FULL_TILE, kattn.PART_TILE
+    B, L = 3, 3 * F + P + 5
+    keep = random_keep(B, L, 0.3, 3)
+    keep[:, :F] = True  # a full tile
+    keep[:, F : F + P] = True  # full half of a partial-only FULL tile
+    keep[:, 2 * F : 3 * F] = False  # nothing attended
     keep[1] = False
-    kv_len = torch.tensor([L, L, 2 * T + 1], dtype=torch.int32, device=DEVICE)
-    tiles, count = kattn.kept_tiles(keep, kv_len, T)
+    kv_len = torch.tensor([L, L, F + 3], dtype=torch.int32, device=DEVICE)
+    tiles, counts = kattn.attention_plan(keep, kv_len)
+    n_f, n_p, width = kattn.plan_sections(L)
+    assert tiles.shape == (B, width) and width == kattn.plan_width(L)
     for b in range(B):
-        valid = [j for j in range(L) if keep[b, j] and j < kv_len[b]]
-        expect = sorted({j // T for j in valid})
-        assert count[b].item() == len(expect)
-        assert tiles[b, : len(expect)].tolist() == expect
+        att = [bool(keep[b, j]) and j < kv_len[b] for j in range(L)] + [False] * (n_p * P - L)
+        full = [t for t in range(L // F) if all(att[t * F : (t + 1) * F])]
+        part = [
+            t for t in range(n_p)
+            if any(att[t * P : (t + 1) * P]) and not all(att[t * P : (t + 1) * P]) or (
+                all(att[t * P : (t + 1) * P]) and (t * P) // F not in full
+            )
+        ]  # fmt: skip
+        assert counts[b].tolist() == [len(full), len(part)]
+        assert tiles[b, : len(full)].tolist() == full
+        assert tiles[b, n_f : n_f + len(part)].tolist() == part
+        words = tiles[b, n_f + n_p :].clone().view(torch.int64)  # (low, high) pairs -> one 64-bit word
+        for t in range(n_p):
+            w = int(words[t]) & ((1 << 64) - 1)
+            assert [bool(w >> j & 1) for j in range(P)] == att[t * P : (t + 1) * P]
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")

@@ -247,11 +247,13 @@ class SmoothVideo:
         return out
 
 
-def _smooth_run(model, text, corrupt, seed):
+def _smooth_run(model, text, corrupt, seed, compact=False):
+    """compact=False keeps pruned tokens masked in place (to inspect the masks); None = the default
+    (compaction, since the masks persist)."""
     wrapper = SmoothVideo(model, 8, 8, corrupt)
     model.forward_cached = wrapper
     try:
-        r = SelfForcingRollout(model, SelfForcingConfig(), trim=TokenTrimConfig())
+        r = SelfForcingRollout(model, SelfForcingConfig(compact_after_prune=compact), trim=TokenTrimConfig())
         res = r.run(text, 7, 8, 8, seed=seed)
     finally:
         del model.forward_cached
@@ -301,9 +303,31 @@ def test_corrupted_block_is_flagged_masked_and_regenerated_once(model, text, tmp
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_persistent_masks_are_compacted_by_default(model, text):
+    """Default compaction (masks persist): the pruned tokens are deleted, so the cache holds fewer
+    keys and attention work follows the kept count; the video equals the masked-in-place run."""
+    positions = [5, 10]
+    r_mask, masked = _smooth_run(model, text, (5, positions, 6.0), seed=0)
+    r_comp, compacted = _smooth_run(model, text, (5, positions, 6.0), seed=0, compact=None)
+    assert r_comp.hook.compact_after_prune and not r_mask.hook.compact_after_prune
+    assert [rec["prune"] for rec in compacted.records] == [rec["prune"] for rec in masked.records]
+    cm, cc = r_mask.cache, r_comp.cache
+    pruned = (~cm.keep & (cm._ar[None, :] < cm.length[:, None])).sum(dim=1)
+    assert pruned.tolist() == [6, 6]  # 2 positions x 3 frames per video
+    assert torch.equal(cc.length, cm.length - pruned.to(torch.int32))
+    assert bool(cc.keep[:, : int(cc.length.min())].all())
+    torch.testing.assert_close(compacted.latents, masked.latents, rtol=1e-4, atol=1e-4)
+    plain = SelfForcingConfig()
+    assert plain.compact_after_prune is None
+    with pytest.raises(TypeError, match="compact_after_prune must be a bool or None"):
+        SelfForcingConfig(compact_after_prune="yes")
+    with pytest.raises(TypeError, match="compact_after_prune must be a bool or None"):
+        RollingForcingConfig(compact_after_prune=1)
+
+
 def test_rolling_forcing_trim_regenerates(model, text):
     trim = TokenTrimConfig(force="always", warmup=1)
-    r = RollingForcingRollout(model, RollingForcingConfig(), trim=trim)
+    r = RollingForcingRollout(model, RollingForcingConfig(compact_after_prune=False), trim=trim)
     res = r.run(text, 4, 4, 6, seed=0)
     plain = RollingForcingRollout(model, RollingForcingConfig()).run(text, 4, 4, 6, seed=0)
     # block 1: warm-up (its previous block is the raw sink, which cannot be masked anyway);

@@ -4,8 +4,9 @@ Importing this module (``import tokentrim`` does) registers, each with a fake (m
 ``torch.compile(fullgraph=True)``, FakeTensor tracing, CUDA graphs and the meta device see ONE op:
 
 - ``drift_topk(cand, prev, k, ph, pw, backend) -> (drift, topk_idx, severity)``
-- ``attention_tiles(keep, kv_len, backend) -> (tiles, count)``: the kept-tile plan that every
-  layer's ``masked_attention`` of one forward shares (an opaque pair of int32 tensors).
+- ``attention_tiles(keep, kv_len, backend) -> (tiles, count)``: the tile plan that every
+  layer's ``masked_attention`` of one forward shares (an opaque pair of int32 tensors:
+  ``tokentrim.kernels.masked_attention.AttentionPlan``).
 - ``masked_attention(q, k, v, keep, kv_len, scale, tiles, count, backend) -> o``
 - ``compact_kv(kv!, keep, kv_len, backend) -> new_len`` (mutates ``kv`` in place)
 - ``qk_norm_rope(q, k, v, wq, wk, cos, sin, eps, kv!, layer, start, k_raw!, n_raw, backend) -> q_rot``
@@ -30,7 +31,7 @@ from torch import Tensor
 from tokentrim import ops
 
 NAMESPACE = "tokentrim"
-DEFAULT_TILE_N = 64  # the plan's tile length when triton is not installed (the reference ignores it)
+DEFAULT_PLAN_WIDTH = 1  # plan columns when triton is not installed (the reference ignores the plan)
 
 
 def _fresh(x: Tensor, *inputs: Tensor) -> Tensor:
@@ -61,33 +62,31 @@ def _(cand, prev, k, ph, pw, backend="auto"):
 
 
 # ----------------------------------------------------------------------------------- attention
-def tile_n() -> int:
-    """Key tile length of the kept-tile plan (the Triton kernel's ``tile_size()``)."""
+def plan_width(lk: int) -> int:
+    """Columns of the plan's ``tiles`` tensor for Lk keys (the Triton kernel's ``plan_width``)."""
     if ops.triton_available():
-        return ops._kernel("masked_attention").tile_size()
-    return DEFAULT_TILE_N
+        return ops._kernel("masked_attention").plan_width(lk)
+    return DEFAULT_PLAN_WIDTH
 
 
 @torch.library.custom_op(f"{NAMESPACE}::attention_tiles", mutates_args=())
 def attention_tiles(keep: Tensor, kv_len: Optional[Tensor], backend: str = "auto") -> tuple[Tensor, Tensor]:
-    """Kept-tile plan (tiles [B, cdiv(Lk, tile_n)] int32, count [B] int32) for ``masked_attention``.
+    """Tile plan (tiles [B, plan_width(Lk)] int32, count [B, 2] int32) for ``masked_attention``.
 
-    Computed with the Triton kernel's ``kept_tiles`` when the backend resolves to Triton; zeros
+    Computed with the Triton kernel's ``attention_plan`` when the backend resolves to Triton; zeros
     otherwise (the reference does not use a plan). Host sync: none.
     """
     B, Lk = keep.shape
-    n = -(-Lk // tile_n())
     plan = ops.attention_tiles(keep, kv_len, backend=backend)
     if plan is None:
-        return keep.new_zeros(B, n, dtype=torch.int32), keep.new_zeros(B, dtype=torch.int32)
+        return keep.new_zeros(B, plan_width(Lk), dtype=torch.int32), keep.new_zeros(B, 2, dtype=torch.int32)
     return _fresh(plan[0]), _fresh(plan[1])
 
 
 @attention_tiles.register_fake
 def _(keep, kv_len, backend="auto"):
     B, Lk = keep.shape
-    n = -(-Lk // tile_n())
-    return keep.new_empty(B, n, dtype=torch.int32), keep.new_empty(B, dtype=torch.int32)
+    return keep.new_empty(B, plan_width(Lk), dtype=torch.int32), keep.new_empty(B, 2, dtype=torch.int32)
 
 
 @torch.library.custom_op(f"{NAMESPACE}::masked_attention", mutates_args=())
@@ -207,5 +206,5 @@ def _(x, weight, bias, shift_t, shift_e, scale_t, scale_e, eps, out_dtype, backe
 
 __all__ = [
     "NAMESPACE", "attention_tiles", "compact_kv", "drift_topk", "ln_modulate", "masked_attention", "qk_norm_rope",
-    "residual_ln_modulate", "rms_norm", "rope_into", "tile_n",
+    "residual_ln_modulate", "rms_norm", "rope_into", "plan_width",
 ]

@@ -114,14 +114,15 @@ def drift_topk(cand, prev, k: int, patch=(2, 2), backend: str = "auto", check_fi
 def attention_tiles(keep, kv_len=None, backend: str = "auto"):
     """Precompute which key tiles ``masked_attention`` must visit, for reuse across layers.
 
-    keep [B,Lk] bool, kv_len [B] int32 or None. Returns an opaque plan to pass as ``tiles=`` to
-    every ``masked_attention`` call under the same keep/kv_len (e.g. all layers of one forward),
-    or None where the backend has no use for it (reference). Host sync: none.
+    keep [B,Lk] bool, kv_len [B] int32 or None. Returns an opaque plan (a tuple of int tensors, see
+    ``tokentrim.kernels.masked_attention.AttentionPlan``: full tiles, partial tiles, packed keep
+    bits, counts) to pass as ``tiles=`` to every ``masked_attention`` call under the same
+    keep/kv_len (e.g. all layers of one forward), or None where the backend has no use for it
+    (reference). Host sync: none.
     """
     if keep is None or resolve_backend(backend, keep.device, "attention_tiles") != "triton":
         return None
-    kernel = _kernel("masked_attention")
-    return kernel.kept_tiles(keep, kv_len, kernel.tile_size())
+    return _kernel("masked_attention").attention_plan(keep, kv_len)
 
 
 def masked_attention(

@@ -159,11 +159,13 @@ class TrimHook:
     skip every TokenTrim step, so the rollout is exactly the plain one.
     """
 
-    def __init__(self, trim: TokenTrimConfig | None, batch: int, compact_after_prune: bool = False):
+    def __init__(self, trim: TokenTrimConfig | None, batch: int, compact_after_prune: bool | None = None):
         if trim is not None and not isinstance(trim, TokenTrimConfig):
             raise TypeError(f"trim must be a TokenTrimConfig or None, got {type(trim).__name__}")
         self.config = trim
         self.active = trim is not None and trim.enabled
+        if compact_after_prune is None:  # default: delete pruned tokens whenever the masks persist
+            compact_after_prune = bool(self.active and trim.persist)
         self.compact_after_prune = compact_after_prune
         if self.active and compact_after_prune and not trim.persist:
             raise ValueError("compact_after_prune=True deletes pruned tokens, so it needs TokenTrimConfig.persist=True")

@@ -104,7 +104,9 @@ class RollingForcingConfig:
             its own position while it is among them. These K/V live in a second KV cache of
             ``refresh_frames`` frames. 0: the refresh attends what the window cache holds (sink +
             local frames), with no second cache (less memory, not upstream).
-        compact_after_prune: delete pruned tokens right after masking (needs persist).
+        compact_after_prune: delete pruned tokens right after masking (needs persist), so
+            attention cost follows the kept keys; None (default) = whenever the masks persist
+            (``trim.persist``), False = keep them masked in place.
         use_graphs: capture the cached forward into CUDA graphs (CUDA only).
     """
 
@@ -115,7 +117,7 @@ class RollingForcingConfig:
     sink_frames: int = 3
     local_frames: int = 3
     refresh_frames: int = 21
-    compact_after_prune: bool = False
+    compact_after_prune: bool | None = None
     use_graphs: bool = False
 
     def __post_init__(self):
@@ -142,7 +144,11 @@ class RollingForcingConfig:
                 f"RollingForcingConfig.sink_frames ({self.sink_frames}) must be a multiple of block_frames "
                 f"({self.block_frames}): the sink is the first block(s)"
             )
-        for name in ("compact_after_prune", "use_graphs"):
+        if self.compact_after_prune is not None and not isinstance(self.compact_after_prune, bool):
+            raise TypeError(
+                f"RollingForcingConfig.compact_after_prune must be a bool or None, got {self.compact_after_prune!r}"
+            )
+        for name in ("use_graphs",):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"RollingForcingConfig.{name} must be a bool, got {getattr(self, name)!r}")
 

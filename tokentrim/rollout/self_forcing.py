@@ -69,7 +69,9 @@ class SelfForcingConfig:
         cache_frames: KV cache capacity in latent frames (21 = 5 s); longer rollouts evict.
         sink_frames: frames kept forever once the cache is full (3); 0 = plain rolling window.
         refresh_last_block: also run the timestep-0 cache refresh after the last block.
-        compact_after_prune: delete pruned cache tokens right after masking (needs persist).
+        compact_after_prune: delete pruned cache tokens right after masking (needs persist), so
+            attention cost follows the kept keys; None (default) = whenever the masks persist
+            (``trim.persist``), False = keep them masked in place.
         use_graphs: capture the cached forward into CUDA graphs (CUDA only).
     """
 
@@ -79,7 +81,7 @@ class SelfForcingConfig:
     cache_frames: int = 21
     sink_frames: int = 3
     refresh_last_block: bool = False
-    compact_after_prune: bool = False
+    compact_after_prune: bool | None = None
     use_graphs: bool = False
 
     def __post_init__(self):
@@ -95,7 +97,9 @@ class SelfForcingConfig:
                 f"SelfForcingConfig.cache_frames must hold the sink, the previous block and the new one "
                 f"(>= sink_frames + 2*block_frames = {need}), got {self.cache_frames}"
             )
-        for name in ("refresh_last_block", "compact_after_prune", "use_graphs"):
+        if self.compact_after_prune is not None and not isinstance(self.compact_after_prune, bool):
+            raise TypeError(f"SelfForcingConfig.compact_after_prune must be a bool or None, got {self.compact_after_prune!r}")
+        for name in ("refresh_last_block", "use_graphs"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"SelfForcingConfig.{name} must be a bool, got {getattr(self, name)!r}")
 
