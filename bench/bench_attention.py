@@ -1,28 +1,30 @@
-"""Section "attention": masked attention over a pruned KV cache, against its peers in the same run.
+"""Section "attention": masked attention over a TokenTrim-pruned KV cache, against dense SDPA in the same run.
 
-CUDA (Wan2.1 shapes): B=1, H=12, D=128, Lq=4680, Lk in {4680, 14040, 32760}, keep fraction in
-{1.0, 0.9, 0.5} (a random per-token mask, like TokenTrim's scattered pruning), bf16. K/V are views
-of layer 0 of a [30, 2, B, Lk, H, D] cache tensor. Implementations:
+CUDA (Wan2.1 shapes): B in {1, 2}, H=12, D=128, Lq=4680 (one 3-frame block), Lk in {4680, 18720,
+32760} (3, 12 and 21 cached frames of 1560 tokens), keep fraction in {1.0, 0.9, 0.5}, bf16. The
+holes are TokenTrim-shaped: per video, the same (1 - keep) * 1560 spatial positions are pruned in
+every cached frame (``tokentrim_keep``). K/V are views of layer 0 of a [layers, 2, B, Lk, H, D]
+cache tensor. Implementations:
 
 - ``sdpa_dense``: torch SDPA over all Lk keys, the baseline (attention without pruning)
 - ``sdpa_mask``: torch SDPA with the boolean keep mask
-- ``flex``: torch.compile(flex_attention) with the equivalent BlockMask; ``flex_blockmask`` is the
-  time to build that BlockMask (not included in ``flex``)
-- ``flash_attn``: flash_attn_func over all keys, when flash-attn is importable
-- ``tokentrim``: the masked kernel over the cache with keep + kv_len (its tile-list prepass included)
-- ``tokentrim_compact:*``: ``compact_30_layers`` (compact_kv of the whole cache, one launch, in
-  place), ``compact`` (that / 30: one layer's share), ``attn_compacted`` (the kernel over the
-  compacted prefix: kv_len = new length, no mask) and ``total`` = compact + attn_compacted. A rollout
-  compacts once per prune decision, then attends with every layer at every denoising step, so
-  ``total`` overstates the compaction share.
+- ``flex``: torch.compile(flex_attention) with the equivalent BlockMask (``--attn-no-flex`` skips it)
+- ``tokentrim``: the masked kernel over the holed cache (keep + kv_len; its plan prepass included)
+- ``tokentrim_split1``: the same with split-KV forced off, when the launcher's choice splits
+- ``tokentrim_compact:*``: ``compact_<layers>_layers`` (compact_kv of the whole cache, one launch,
+  in place), ``compact`` (that / layers: one layer's share), ``attn_compacted`` (the kernel over the
+  compacted prefix: kv_len = kept count, no mask; what every layer pays after a prune) and ``total`` =
+  compact + attn_compacted
+- ``flash_attn_kvcache``: ``flash_attn_with_kvcache`` over the compacted prefix
+  (cache_seqlens = kept count), when flash-attn is importable
 
-Metrics: ``time`` (ms, median), ``throughput`` (TFLOP/s = 4*B*H*Lq*Lk_eff*D / time, Lk_eff = the
-attended keys; all Lk for the dense impls). ``ratio`` against sdpa_dense: its time / this time on
-time rows (> 1 = faster than dense SDPA), this TFLOP/s / its TFLOP/s on throughput rows.
+Metrics: ``time`` (ms, median), ``throughput`` (TFLOP/s of the attended work: 4*Lq*D*H*sum_b kept_b
+/ time; all Lk for the dense impls). ``ratio`` against sdpa_dense: its time / this time on time
+rows (> 1 = faster than dense SDPA), this TFLOP/s / its TFLOP/s on throughput rows.
 
-CPU: small shapes (Lq=64, Lk in {128, 512}, H=2, D=64, fp32): reference, SDPA and eager
-FlexAttention; the Triton kernels only with TRITON_INTERPRET=1, without --quick and at Lk=128 (the
-interpreter times Python, not the kernel: for information only).
+CPU: small shapes (Lq=64, Lk in {128, 512} as 4 and 16 frames of 32 tokens, H=2, D=64, fp32):
+reference, SDPA and eager FlexAttention; the Triton kernels only with TRITON_INTERPRET=1, without
+--quick and at Lk=128 (the interpreter times Python, not the kernel: for information only).
 """
 
 from __future__ import annotations
@@ -37,12 +39,16 @@ from bench import common
 
 SECTION = "attention"
 
-GPU_SHAPE = dict(B=1, H=12, D=128, Lq=4680)
-GPU_LK = (4680, 14040, 32760)
+GPU_SHAPE = dict(H=12, D=128, Lq=4680)
+GPU_BATCH = (1, 2)
+GPU_LK = (4680, 18720, 32760)
+GPU_TOKENS_PER_FRAME = 1560
 GPU_LAYERS = 30  # Wan2.1-1.3B: compaction covers every layer's K and V in one launch
 KEEP_FRACS = (1.0, 0.9, 0.5)
-CPU_SHAPE = dict(B=1, H=2, D=64, Lq=64)
+CPU_SHAPE = dict(H=2, D=64, Lq=64)
+CPU_BATCH = (1,)
 CPU_LK = (128, 512)
+CPU_TOKENS_PER_FRAME = 32
 CPU_KEEP_FRACS = (1.0, 0.5)
 CPU_KERNEL_MAX_LK = 128  # beyond this one interpreter call takes seconds
 CPU_MAX_REPEATS = 5  # keeps the CPU section well under 30 s
@@ -54,6 +60,7 @@ def add_arguments(parser) -> None:
         "--attn-lk", type=int, nargs="+", default=None, help="key lengths (default: per device)"
     )
     parser.add_argument("--attn-keep", type=float, nargs="+", default=None, help="keep fractions")
+    parser.add_argument("--attn-batch", type=int, nargs="+", default=None, help="batch sizes")
     parser.add_argument(
         "--attn-layers", type=int, default=GPU_LAYERS, help="cache layers compacted in one launch (cuda)"
     )
@@ -66,16 +73,30 @@ def _note(msg: str) -> None:
     print(f"[attention] {msg}", file=sys.stderr)
 
 
-def make_inputs(B, H, D, Lq, Lk, frac, dtype, device, layers=1, seed=0):
-    """q [B,Lq,H,D]; cache [layers,2,B,Lk,H,D] (k/v: views of layer 0); keep [B,Lk] bool with ~frac
-    kept (all True for frac >= 1); kv_len [B] int32 = Lk."""
+def tokentrim_keep(B: int, Lk: int, tokens_per_frame: int, frac: float, generator, device) -> torch.Tensor:
+    """[B, Lk] bool: per video, round((1 - frac) * tokens_per_frame) random spatial positions are
+    pruned in every frame (the same positions in each frame, as TokenTrim masks them)."""
+    keep = torch.ones(B, Lk, dtype=torch.bool, device=device)
+    n_holes = round((1.0 - frac) * tokens_per_frame)
+    if n_holes <= 0:
+        return keep
+    frames = -(-Lk // tokens_per_frame)
+    for b in range(B):
+        holes = torch.randperm(tokens_per_frame, generator=generator)[:n_holes]
+        spatial = torch.ones(tokens_per_frame, dtype=torch.bool)
+        spatial[holes] = False
+        keep[b] = spatial.repeat(frames)[:Lk].to(device)
+    return keep
+
+
+def make_inputs(B, H, D, Lq, Lk, frac, dtype, device, tokens_per_frame, layers=1, seed=0):
+    """q [B,Lq,H,D]; cache [layers,2,B,Lk,H,D] (k/v: views of layer 0); keep [B,Lk] with TokenTrim
+    holes; kv_len [B] int32 = Lk."""
     g = torch.Generator(device=device).manual_seed(seed)
     q = torch.randn(B, Lq, H, D, generator=g, device=device).to(dtype)
     cache = torch.empty(layers, 2, B, Lk, H, D, device=device, dtype=dtype)
     cache.normal_(generator=g)
-    keep = torch.rand(B, Lk, generator=g, device=device) < frac
-    if frac >= 1.0:
-        keep.fill_(True)
+    keep = tokentrim_keep(B, Lk, tokens_per_frame, frac, torch.Generator().manual_seed(seed + 1), device)
     kv_len = torch.full((B,), Lk, dtype=torch.int32, device=device)
     return q, cache, keep, kv_len
 
@@ -113,15 +134,23 @@ def _flex_fns(q, k, v, keep, kv_len, compiled: bool):
     return build, eager
 
 
+def _flash_kvcache():
+    try:
+        from flash_attn import flash_attn_with_kvcache
+    except ImportError:
+        return None
+    return flash_attn_with_kvcache
+
+
 def _bench_case(
-    args, device, B, H, D, Lq, Lk, frac, dtype, *, kernel: bool, flex_compiled: bool, layers: int
+    args, device, B, H, D, Lq, Lk, frac, dtype, *, kernel: bool, flex_compiled: bool, layers: int, tpf: int
 ):
     from tokentrim import reference
     from tokentrim.kernels import kv_compact, masked_attention
 
     cpu = device.type == "cpu"
     repeats = min(args.repeats, CPU_MAX_REPEATS) if cpu else args.repeats
-    q, cache, keep, kv_len = make_inputs(B, H, D, Lq, Lk, frac, dtype, device, layers=layers)
+    q, cache, keep, kv_len = make_inputs(B, H, D, Lq, Lk, frac, dtype, device, tpf, layers=layers)
     k, v = cache[0, 0], cache[0, 1]
     n_kept = int(keep.sum())  # setup
     shape = f"B{B} H{H} D{D} Lq{Lq} Lk{Lk} keep{frac:g}"
@@ -152,12 +181,6 @@ def _bench_case(
             times["flex_blockmask"] = timed(build)
         except Exception as e:  # an unavailable peer is reported, not fatal
             _note(f"FlexAttention skipped for {shape}: {type(e).__name__}: {e}")
-    try:
-        from flash_attn import flash_attn_func
-    except ImportError:
-        flash_attn_func = None
-    if flash_attn_func is not None and not cpu:
-        add("flash_attn", lambda: flash_attn_func(q, k, v), dense_flops)
 
     if kernel:
         add(
@@ -166,6 +189,12 @@ def _bench_case(
             kept_flops,
             interp=cpu,
         )
+        if not cpu and masked_attention._default_splits(q, B, H, Lq, Lk) > 1:
+            add(
+                "tokentrim_split1",
+                lambda: masked_attention.masked_attention(q, k, v, keep=keep, kv_len=kv_len, splits=1),
+                kept_flops,
+            )
         # compact_kv is in place; repeating it on the compacted cache (same keep, same kv_len) moves
         # the same tokens, so every timed call costs what the first one did.
         all_ms = timed(lambda: kv_compact.compact_kv(cache, keep, kv_len), interp=cpu)
@@ -186,6 +215,13 @@ def _bench_case(
             for impl in times:
                 if impl.startswith("tokentrim_compact"):
                     notes[impl] = INTERP_NOTE
+        fa = _flash_kvcache()
+        if fa is not None and not cpu:
+            add(
+                "flash_attn_kvcache",
+                lambda: fa(q, k, v, cache_seqlens=new_len, softmax_scale=D**-0.5),
+                kept_flops,
+            )
 
     rows = []
     base_ms = times["sdpa_dense"]
@@ -211,15 +247,19 @@ def _bench_case(
 def run(args, device: torch.device) -> list[dict]:
     device = torch.device(device)
     rows = []
+    batches = getattr(args, "attn_batch", None)
     if device.type == "cuda":
+        if _flash_kvcache() is None:
+            _note("flash-attn not importable: flash_attn_kvcache rows skipped")
         lks = args.attn_lk or ((GPU_LK[1],) if args.quick else GPU_LK)
         fracs = args.attn_keep or ((1.0, 0.5) if args.quick else KEEP_FRACS)
-        for Lk in lks:
-            for frac in fracs:
-                rows += _bench_case(
-                    args, device, **GPU_SHAPE, Lk=Lk, frac=frac, dtype=torch.bfloat16,
-                    kernel=True, flex_compiled=True, layers=args.attn_layers,
-                )  # fmt: skip
+        for B in batches or ((1,) if args.quick else GPU_BATCH):
+            for Lk in lks:
+                for frac in fracs:
+                    rows += _bench_case(
+                        args, device, B=B, **GPU_SHAPE, Lk=Lk, frac=frac, dtype=torch.bfloat16,
+                        kernel=True, flex_compiled=True, layers=args.attn_layers, tpf=GPU_TOKENS_PER_FRAME,
+                    )  # fmt: skip
         return rows
 
     from tokentrim.ops import interpreter_enabled
@@ -230,13 +270,14 @@ def run(args, device: torch.device) -> list[dict]:
             "Triton kernels not timed on cpu (they need TRITON_INTERPRET=1 and no --quick; GPU numbers matter)"
         )
     lks = args.attn_lk or (CPU_LK[:1] if args.quick else CPU_LK)
-    for Lk in lks:
-        use_kernel = interp and Lk <= CPU_KERNEL_MAX_LK
-        if interp and not use_kernel:
-            _note(f"Triton kernels skipped at Lk={Lk}: too slow in the interpreter (> {CPU_KERNEL_MAX_LK})")
-        for frac in args.attn_keep or CPU_KEEP_FRACS:
-            rows += _bench_case(
-                args, device, **CPU_SHAPE, Lk=Lk, frac=frac, dtype=torch.float32,
-                kernel=use_kernel, flex_compiled=False, layers=1,
-            )  # fmt: skip
+    for B in batches or CPU_BATCH:
+        for Lk in lks:
+            use_kernel = interp and Lk <= CPU_KERNEL_MAX_LK
+            if interp and not use_kernel:
+                _note(f"Triton kernels skipped at Lk={Lk}: too slow in the interpreter (> {CPU_KERNEL_MAX_LK})")
+            for frac in args.attn_keep or CPU_KEEP_FRACS:
+                rows += _bench_case(
+                    args, device, B=B, **CPU_SHAPE, Lk=Lk, frac=frac, dtype=torch.float32,
+                    kernel=use_kernel, flex_compiled=False, layers=1, tpf=CPU_TOKENS_PER_FRAME,
+                )  # fmt: skip
     return rows

@@ -161,3 +161,34 @@ def test_bad_splits_config_and_plan():
         kattn.masked_attention(q, k, v, keep=keep, tiles=(tiles, counts[:, :1]))
     with pytest.raises(ValueError, match="a pair"):
         kattn.masked_attention(q, k, v, keep=keep, tiles=(tiles,))
+
+
+def test_bench_attention_holes_and_quick_cpu_run(tmp_path):
+    """bench_attention: TokenTrim-shaped holes (same spatial positions in every frame, per video)
+    and a --quick CPU run of the section through bench/run.py (SDPA baseline, reference)."""
+    import csv
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parent.parent)
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from bench import bench_attention, run
+
+    keep = bench_attention.tokentrim_keep(2, 10 * 7, 10, 0.7, torch.Generator().manual_seed(0), "cpu")
+    frames = keep.view(2, 7, 10)
+    assert torch.equal(frames, frames[:, :1].expand_as(frames)), "same holes in every frame"
+    assert (frames[:, 0].sum(dim=1) == 7).all() and not torch.equal(frames[0, 0], frames[1, 0])
+    assert bench_attention.tokentrim_keep(1, 20, 10, 1.0, torch.Generator(), "cpu").all()
+
+    argv = ["--device", "cpu", "--sections", "attention", "--quick", "--attn-no-flex", "--attn-batch", "1", "2",
+            "--out-dir", str(tmp_path)]  # fmt: skip
+    assert run.main(argv) == 0
+    csv_file = next(p for p in tmp_path.iterdir() if p.suffix == ".csv")
+    rows = list(csv.DictReader(csv_file.read_text().splitlines()))
+    impls = {r["impl"] for r in rows}
+    assert {"sdpa_dense", "sdpa_mask", "reference"} <= impls
+    shapes = {r["shape"] for r in rows}
+    assert any(s.startswith("B2 ") for s in shapes) and any("keep0.5" in s for s in shapes)
+    base = [r for r in rows if r["impl"] == "sdpa_dense" and r["metric"] == "time"]
+    assert base and all(float(r["ratio"]) == 1.0 for r in base)

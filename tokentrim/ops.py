@@ -9,6 +9,9 @@ Dispatch (``backend=``):
 - ``"reference"``: the pure-PyTorch definition, on any device.
 - ``"native"``: the C++ CPU kernel of ``tokentrim._C`` (``drift_topk`` and ``compact_kv`` only, CPU
   tensors only; see ``tokentrim.native``).
+- ``"flash-attn"``: ``masked_attention`` only, through ``flash_attn_with_kvcache`` (``tokentrim.flash``)
+  on CUDA tensors when the optional flash_attn package is importable; dense or compacted caches
+  (keep=None) with device-side kv_len.
 
 A backend that cannot serve the request raises ``RuntimeError`` saying why.
 """
@@ -21,7 +24,7 @@ import os
 
 import torch
 
-from tokentrim import native, reference
+from tokentrim import flash, native, reference
 from tokentrim.kernels.validate import (
     check_attention_inputs,
     check_compact_inputs,
@@ -30,7 +33,7 @@ from tokentrim.kernels.validate import (
     check_kv_len_range_if_free,
 )
 
-BACKENDS = ("auto", "triton", "reference", "native")
+BACKENDS = ("auto", "triton", "reference", "native", "flash-attn")
 NATIVE_OPS = ("drift_topk", "compact_kv")  # ops with a native CPU kernel in tokentrim._C
 
 
@@ -55,6 +58,17 @@ def resolve_backend(backend: str, device: torch.device, op: str | None = None) -
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "reference":
         return "reference"
+    if backend == "flash-attn":
+        if op != "masked_attention":
+            raise ValueError("backend='flash-attn' serves masked_attention only; use 'auto', 'triton' or 'reference'")
+        if not flash.available():
+            raise RuntimeError(
+                "backend='flash-attn' needs the optional flash_attn package (pip install flash-attn), "
+                "which is not importable here"
+            )
+        if device.type != "cuda":
+            raise RuntimeError(f"backend='flash-attn' runs on CUDA tensors only, got {device.type} tensors")
+        return "flash-attn"
     if backend == "native":
         if op not in NATIVE_OPS:
             raise RuntimeError(f"backend='native' has no {op or 'such'} kernel (native ops: {', '.join(NATIVE_OPS)})")
@@ -120,7 +134,9 @@ def attention_tiles(keep, kv_len=None, backend: str = "auto"):
     keep/kv_len (e.g. all layers of one forward), or None where the backend has no use for it
     (reference). Host sync: none.
     """
-    if keep is None or resolve_backend(backend, keep.device, "attention_tiles") != "triton":
+    if keep is None or backend == "flash-attn":
+        return None
+    if resolve_backend(backend, keep.device, "attention_tiles") != "triton":
         return None
     return _kernel("masked_attention").attention_plan(keep, kv_len)
 
@@ -146,7 +162,10 @@ def masked_attention(
     """
     check_attention_inputs(q, k, v, keep, kv_len)
     check_kv_len_range_if_free(kv_len, k.shape[1], force=check_range)
-    if resolve_backend(backend, q.device, "masked_attention") == "triton":
+    resolved = resolve_backend(backend, q.device, "masked_attention")
+    if resolved == "flash-attn":
+        return flash.masked_attention(q, k, v, keep=keep, kv_len=kv_len, scale=scale)
+    if resolved == "triton":
         return _kernel("masked_attention").masked_attention(
             q, k, v, keep=keep, kv_len=kv_len, scale=scale, tiles=tiles
         )
