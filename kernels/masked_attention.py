@@ -124,7 +124,7 @@ def _online_step(q, k_ptrs, v_ptrs, ok, m_i, l_i, acc, qk_scale, MASKED: tl.cons
 
 
 @triton.jit
-def _attn_fwd(
+def _masked_attn_fwd(
     Q, K, V, O, OS, LSE, KV_LEN, TILES, COUNTS,
     sqb, sql, sqh,
     skb, skl, skh,
@@ -253,9 +253,23 @@ def _merge_splits(
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
 
 
-_attn_fwd_tuned = triton.autotune(
-    configs=_configs(), key=["LQ_BUCKET", "LK_BUCKET", "HEAD_DIM", "HAS_KEEP", "SPLITS"]
-)(_attn_fwd)
+#: fp32 inputs (exact IEEE dots, for tests) fit shared memory only with a small tile
+FP32_CONFIG = (64, 64, 4, 2)
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """fp32 (IEEE_DOT) launches use FP32_CONFIG only: BLOCK_N 128 fp32 K/V rings exceed 227 KB."""
+    if kwargs.get("IEEE_DOT", named_args.get("IEEE_DOT")) and not _INTERPRET:
+        m, n, w, st = FP32_CONFIG
+        return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)]
+    return configs
+
+
+_masked_attn_fwd_tuned = triton.autotune(
+    configs=_configs(),
+    key=["LQ_BUCKET", "LK_BUCKET", "HEAD_DIM", "HAS_KEEP", "SPLITS", "IEEE_DOT"],
+    prune_configs_by={"early_config_prune": _prune_configs},
+)(_masked_attn_fwd)
 
 
 # ------------------------------------------------------------------------------------------ plan
@@ -481,12 +495,12 @@ def masked_attention(
         def grid(m):
             return (triton.cdiv(Lq, m["BLOCK_M"]), B * H, splits)
 
-        _attn_fwd_tuned[grid](*args, **meta)
+        _masked_attn_fwd_tuned[grid](*args, **meta)
     else:
         bm, bn, warps, stages = config
         if FULL_TILE % bn or bn < 16:
             raise ValueError(f"config BLOCK_N must divide FULL_TILE={FULL_TILE}, got {bn}")
-        _attn_fwd[(triton.cdiv(Lq, bm), B * H, splits)](
+        _masked_attn_fwd[(triton.cdiv(Lq, bm), B * H, splits)](
             *args, **meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages
         )
     if splits > 1:

@@ -72,7 +72,7 @@ def test_attention_configs_compile_spill_free(cfg, keep, splits, D):
     bm, bn, warps, stages = cfg
     meta = dict(HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, FULL_N=kattn.FULL_TILE, PART_N=kattn.PART_TILE,
                 SPLITS=splits, HAS_KEEP=keep, HAS_KV_LEN=True, IEEE_DOT=False)  # fmt: skip
-    regs, spills, shared, ptx = compile_sm90(kattn._attn_fwd, meta, PTRS, warps, stages)
+    regs, spills, shared, ptx = compile_sm90(kattn._masked_attn_fwd, meta, PTRS, warps, stages)
     assert spills == 0, f"{cfg} keep={keep} splits={splits} D={D}: {spills} bytes spilled ({regs} registers)"
     assert "wgmma.mma_async" in ptx
     assert shared <= 227 * 1024
