@@ -99,9 +99,11 @@ void drift_rows(const at::Tensor& cand, const at::Tensor& prev, int64_t ph, int6
   const auto cs = cand.strides();
   const auto ps = prev.strides();
   const float inv_f = 1.f / static_cast<float>(F), inv_fp = 1.f / static_cast<float>(FP);
-  // Grain: about 64k latent reads per task, so small inputs stay on one thread.
+  // Grain: about 1M latent reads (a few hundred us) per task, so one 832x480 video (0.6M reads)
+  // stays on one thread: waking a thread team costs more than it saves there, a lot more when the
+  // machine is oversubscribed.
   const int64_t row_cost = C * ph * (F + FP) * W;
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, row_cost));
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 20) / std::max<int64_t>(1, row_cost));
   at::parallel_for(0, B * HT, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> sc(W), sp(W), sq(WT);
     for (int64_t r = begin; r < end; ++r) {
@@ -131,7 +133,8 @@ void drift_rows(const at::Tensor& cand, const at::Tensor& prev, int64_t ph, int6
 // order is "larger drift first, ties toward the lower index". Partial selection, then a sort of
 // the k winners only. severity = mean of the k selected drifts (accumulated in double).
 void select_rows(const float* drift, int64_t B, int64_t N, int64_t k, int64_t* idx, float* sev) {
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, N));  // ~64k keys per task
+  at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
     std::vector<uint64_t> keys(N);
     for (int64_t b = begin; b < end; ++b) {
       const float* row = drift + b * N;
