@@ -187,3 +187,28 @@ def test_wanconfig_lazy_reexport(monkeypatch):
     with pytest.raises(AttributeError, match="no attribute 'Nope'"):
         config_mod.Nope  # noqa: B018
 
+
+
+ASSIGNMENTS = [("ratio", 7.0, ValueError), ("lam", float("nan"), ValueError), ("stats", "nonsense", ValueError),
+               ("patch", (0, 2), ValueError), ("warmup", 1.5, TypeError), ("enabled", "yes", TypeError)]
+
+
+@pytest.mark.parametrize("name,value,exc", ASSIGNMENTS, ids=[f"{n}={v!r}" for n, v, _ in ASSIGNMENTS])
+def test_assignment_is_validated_and_leaves_the_config_unchanged(name, value, exc):
+    cfg = TokenTrimConfig()
+    with pytest.raises(exc, match=rf"TokenTrimConfig\.{name}"):
+        setattr(cfg, name, value)
+    assert cfg == TokenTrimConfig()
+
+
+def test_valid_assignment_is_normalised_and_replace_still_works():
+    cfg = TokenTrimConfig()
+    cfg.ratio = 1  # int -> float, as at construction
+    cfg.patch = [1, 1]
+    assert cfg.ratio == 1.0 and type(cfg.ratio) is float and cfg.patch == (1, 1)
+    cfg.enabled = False
+    other = dataclasses.replace(cfg, lam=3)
+    assert other.lam == 3.0 and other.ratio == 1.0 and not other.enabled and cfg.lam == 2.0
+    with pytest.raises(AttributeError, match="no field 'ratoi'"):
+        cfg.ratoi = 0.2
+    assert TokenTrimConfig.from_dict(cfg.to_dict()) == cfg

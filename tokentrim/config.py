@@ -72,7 +72,10 @@ class TokenTrimConfig:
     regeneration); the default 0.05 floor gave 0 of 40 and still catches corrupted blocks.
 
     Invalid values raise ``ValueError`` (range, unknown choice) or ``TypeError`` (wrong type)
-    naming the field, the allowed values and the value given.
+    naming the field, the allowed values and the value given, at construction and on assignment
+    (``cfg.ratio = 7.0`` raises and leaves ``cfg`` unchanged; the checks live in ``__post_init__``
+    only: an assignment validates a ``dataclasses.replace`` copy). Assigning a name that is not a
+    field raises ``AttributeError``.
     """
 
     enabled: bool = True
@@ -90,7 +93,19 @@ class TokenTrimConfig:
     force: str = "auto"
     min_sigma_ratio: float = 0.05
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        if self.__dict__.get("_validated"):  # after __init__: check through a validated copy
+            if name not in _FIELD_NAMES:
+                raise AttributeError(f"TokenTrimConfig has no field {name!r}; fields: {sorted(_FIELD_NAMES)}")
+            value = getattr(dataclasses.replace(self, **{name: value}), name)  # raises on a bad value
+        object.__setattr__(self, name, value)
+
     def __post_init__(self) -> None:
+        self._check()
+        object.__setattr__(self, "_validated", True)
+
+    def _check(self) -> None:
+        """Validate and normalise every field (the one place the rules live)."""
         for name in ("enabled", "persist", "same_noise"):
             value = getattr(self, name)
             if not isinstance(value, bool):
@@ -204,6 +219,9 @@ class TokenTrimConfig:
             values[f.name] = getattr(args, dest)
         values["patch"] = tuple(values["patch"])
         return cls(**values)
+
+
+_FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(TokenTrimConfig))
 
 
 def __getattr__(name):

@@ -74,6 +74,7 @@ class TrimDecision:
         unstable_idx_host: the same as host lists (copied with the severities in the one host sync).
         drift: [B,N] float32 on the latents' device, per-token drift.
         decide_s: wall time of ``decide`` in seconds (including the host sync).
+        accepted: True once ``accept`` took this decision (accepting it again raises).
     """
 
     block_index: int
@@ -89,6 +90,7 @@ class TrimDecision:
     unstable_idx_host: list[list[int]]
     drift: torch.Tensor
     decide_s: float
+    accepted: bool = False  # set by ``accept``; a decision is accepted at most once
 
     @property
     def any_prune(self) -> bool:
@@ -134,24 +136,32 @@ class TokenTrimController:
         return self._mean[video], math.sqrt(max(var, 0.0))
 
     def _observe(self, severities) -> None:
-        """Feed one accepted severity per video into the running statistics."""
-        a = 1.0 - self.config.ema_decay
+        """Feed one accepted severity per video into the running statistics: all videos or, when
+        any value is bad, none (the statistics are left untouched)."""
+        xs = []
         for b, x in enumerate(severities):
-            x = float(x)
-            if not math.isfinite(x):
+            x = None if x is None else float(x)
+            if x is None or not math.isfinite(x):
                 raise ValueError(f"accepted severity of video {b} must be finite, got {x}")
-            self.count[b] += 1
-            n = self.count[b]
+            xs.append(x)
+        if len(xs) != self.batch_size:
+            raise ValueError(f"expected {self.batch_size} accepted severities (one per video), got {len(xs)}")
+        a = 1.0 - self.config.ema_decay
+        count, mean, m2 = list(self.count), list(self._mean), list(self._m2)
+        for b, x in enumerate(xs):
+            count[b] += 1
+            n = count[b]
             if self.config.stats == "cumulative":
-                delta = x - self._mean[b]
-                self._mean[b] += delta / n
-                self._m2[b] += delta * (x - self._mean[b])
+                delta = x - mean[b]
+                mean[b] += delta / n
+                m2[b] += delta * (x - mean[b])
             elif n == 1:
-                self._mean[b], self._m2[b] = x, 0.0
+                mean[b], m2[b] = x, 0.0
             else:
-                delta = x - self._mean[b]
-                self._mean[b] += a * delta
-                self._m2[b] = (1.0 - a) * (self._m2[b] + a * delta * delta)
+                delta = x - mean[b]
+                mean[b] += a * delta
+                m2[b] = (1.0 - a) * (m2[b] + a * delta * delta)
+        self.count, self._mean, self._m2 = count, mean, m2
 
     def warming_up(self, video: int) -> bool:
         return self.count[video] < self.config.warmup
@@ -184,7 +194,7 @@ class TokenTrimController:
         idx_host = [[int(i) for i in row[1:]] for row in host]
         for b, s in enumerate(sev):
             if not math.isfinite(s):
-                raise ValueError(f"cand or prev contains NaN or Inf values (drift severity of video {b} is {s})")
+                raise ValueError(self._nonfinite_message(cand, prev, b, s))
 
         cfg = self.config
         prune, detected, warming, thresholds, mus, sigmas = [], [], [], [], [], []
@@ -211,6 +221,19 @@ class TokenTrimController:
             drift=drift, decide_s=time.perf_counter() - t0,
         )
 
+    @staticmethod
+    def _nonfinite_message(cand: torch.Tensor, prev: torch.Tensor, video: int, severity: float) -> str:
+        """Why the severity of ``video`` is not finite (error path only: syncs to look at the inputs)."""
+        bad = [name for name, t in (("cand", cand), ("prev", prev)) if not bool(torch.isfinite(t[video]).all())]
+        if bad:
+            return (f"{' and '.join(bad)} contain{'s' if len(bad) == 1 else ''} NaN or Inf values in video "
+                    f"{video} (drift severity {severity})")
+        peak = max(float(cand[video].detach().abs().max()), float(prev[video].detach().abs().max()))
+        return (f"the drift of video {video} overflowed to {severity} although cand and prev are finite: "
+                f"their largest magnitude is {peak:.3g}, far outside the range of latents (about 1 to 10), so "
+                "the drift (an L2 norm over each token's channels) exceeds float32's range; the latents were "
+                "mis-scaled or the model diverged")
+
     # ------------------------------------------------------------------------------------ accept
     def accept(self, decision: TrimDecision, final_severity=None, regenerated=None) -> dict:
         """The block of ``decision`` is accepted: update the statistics, append and return its record.
@@ -228,6 +251,11 @@ class TokenTrimController:
         """
         if not isinstance(decision, TrimDecision):
             raise TypeError(f"decision must be a TrimDecision, got {type(decision).__name__}")
+        if decision.accepted:
+            raise ValueError(
+                f"the decision of block {decision.block_index} was already accepted; accepting it again "
+                "would count its severity twice (call decide for the next block)"
+            )
         B = self.batch_size
         if len(decision.prune) != B:
             raise ValueError(f"decision is for {len(decision.prune)} videos, the controller has batch_size {B}")
@@ -238,7 +266,10 @@ class TokenTrimController:
         elif isinstance(final_severity, torch.Tensor):
             final = final_severity.detach().double().cpu().reshape(-1).tolist()
         else:
-            final = [float(x) for x in final_severity]
+            try:
+                final = [float(x) for x in final_severity]
+            except (TypeError, ValueError):
+                raise TypeError(f"final_severity must be {B} numbers, a tensor or a TrimDecision, got {final_severity!r}") from None
         if len(final) != B:
             raise ValueError(f"final_severity must have {B} values (one per video), got {len(final)}")
         if regenerated is None:
@@ -248,7 +279,9 @@ class TokenTrimController:
             if len(regen) != B or not all(isinstance(r, (bool, int)) and r >= 0 for r in regen):
                 raise ValueError(f"regenerated must be {B} bools or non-negative ints, got {regenerated!r}")
             regen = [int(r) for r in regen]
-        self._observe(final)
+        for b, x in enumerate(final):
+            if not math.isfinite(x):
+                raise ValueError(f"final_severity of video {b} must be finite, got {x}")
 
         record = {
             "block": decision.block_index,
@@ -267,7 +300,9 @@ class TokenTrimController:
             "accepted_severity": [_json_float(x) for x in final],
             "decide_ms": decision.decide_s * 1e3,
         }
+        self._observe(final)  # every check passed: nothing below can fail half-way
         self.records.append(record)
+        decision.accepted = True
         return record
 
     # --------------------------------------------------------------------------------- telemetry
@@ -304,15 +339,65 @@ class TokenTrimController:
 
     @classmethod
     def from_json(cls, text_or_path: str | os.PathLike) -> TokenTrimController:
-        """Rebuild a controller from ``to_json`` output (JSON text or a file path): same config,
-        records, and statistics (replayed from each record's ``accepted_severity``)."""
-        text = str(text_or_path)
-        if not text.lstrip().startswith("{"):
-            with open(text_or_path) as f:
-                text = f.read()
-        data = json.loads(text)
-        ctrl = cls(TokenTrimConfig.from_dict(data["config"]), int(data["batch_size"]))
-        for record in data["records"]:
+        """Rebuild a controller from JSON text or a file: same config, records, and statistics
+        (replayed from each record's ``accepted_severity``).
+
+        Reads both files the package writes: ``to_json`` output ({"config", "batch_size",
+        "records"}) and the telemetry JSON of ``tokentrim rollout`` / ``tokentrim generate``
+        ({"meta": {"trim": config, ...}, "blocks": [...]}; the blocks without a TokenTrim decision,
+        such as block 0, are skipped). Anything else raises ``ValueError`` naming the file.
+        """
+        if isinstance(text_or_path, str) and text_or_path.lstrip().startswith("{"):
+            text, source = text_or_path, "the JSON text"
+        else:
+            source = repr(os.fspath(text_or_path))
+            try:
+                with open(text_or_path, encoding="utf-8") as f:
+                    text = f.read()
+            except UnicodeDecodeError:
+                raise ValueError(f"{source} is not a TokenTrim JSON file (not UTF-8 text)") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{source} is not valid JSON ({e})") from None
+        try:
+            return cls._from_data(data)
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            what = f"missing key {e}" if isinstance(e, KeyError) else str(e)
+            raise ValueError(
+                f"{source} is not a TokenTrim controller or telemetry JSON ({what}); expected the output of "
+                "TokenTrimController.to_json or the telemetry.json of `tokentrim rollout`/`generate`"
+            ) from None
+
+    @classmethod
+    def _from_data(cls, data) -> TokenTrimController:
+        if not isinstance(data, dict):
+            raise TypeError(f"the top level is a {type(data).__name__}, not an object")
+        if "records" in data or "config" in data:  # to_json
+            config, batch, records = data["config"], data["batch_size"], data["records"]
+        elif "meta" in data or "blocks" in data:  # telemetry.save_json of a rollout
+            meta, blocks = data["meta"], data["blocks"]
+            if not isinstance(meta, dict) or not isinstance(blocks, list):
+                raise TypeError("meta must be an object and blocks a list")
+            config = meta.get("trim")
+            if config is None:
+                raise ValueError("meta.trim is null: a run without TokenTrim has no controller state")
+            records = [{k: b.get(k) for k in _RECORD_KEYS} for b in blocks
+                       if isinstance(b, dict) and isinstance(b.get("accepted_severity"), list)]
+            batch = meta.get("batch") or (len(records[0]["accepted_severity"]) if records else 1)
+        else:
+            raise KeyError("records")
+        if isinstance(batch, bool) or not isinstance(batch, int):
+            raise TypeError(f"batch size must be an int, got {batch!r}")
+        if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+            raise TypeError("records must be a list of objects")
+        ctrl = cls(TokenTrimConfig.from_dict(config), batch)
+        for record in records:
             ctrl._observe(record["accepted_severity"])
-        ctrl.records = data["records"]
+        ctrl.records = records
         return ctrl
+
+
+# the keys of a controller record (``accept``), taken from a rollout's telemetry blocks
+_RECORD_KEYS = ("block", "k", "severity", "threshold", "mu", "sigma", "warming_up", "detected", "prune", "pruned",
+                "unstable_idx", "regenerated", "regenerations", "accepted_severity", "decide_ms")

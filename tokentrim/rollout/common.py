@@ -126,11 +126,13 @@ class ModelFacts:
 def prepare_text(model, text):
     """A ``TextContext`` from ``text`` [B, Lt, text_dim] (prepared once), or ``text`` if already one.
 
-    Returns (ctx, batch size).
+    Returns (ctx, batch size). Raises ``ValueError`` when the text (or the TextContext's keys and
+    values) holds NaN or Inf, before any work: one host sync per run.
     """
     if isinstance(text, torch.Tensor):
         if text.dim() != 3:
             raise ValueError(f"text must be [B, Lt, text_dim] or a TextContext, got shape {tuple(text.shape)}")
+        _check_finite_text("text", text)
         return model.prepare_text(text), int(text.shape[0])
     batch = getattr(text, "batch", None)
     if batch is None:
@@ -144,7 +146,19 @@ def prepare_text(model, text):
                 break
     if batch is None:
         raise TypeError(f"text must be a [B, Lt, text_dim] tensor or a TextContext, got {type(text).__name__}")
+    for name in ("k", "v"):
+        t = getattr(text, name, None)
+        if isinstance(t, torch.Tensor):
+            _check_finite_text(f"text (TextContext.{name})", t)
     return text, int(batch)
+
+
+def _check_finite_text(name: str, t: torch.Tensor) -> None:
+    finite = torch.isfinite(t)
+    if not bool(finite.all()):  # the one host sync
+        bad = int((~finite).sum())
+        raise ValueError(f"{name} holds {bad} NaN or Inf value(s) of {t.numel()}: the text embeddings must be "
+                         "finite (a broken text encoder or embeddings file?)")
 
 
 def sync(device: torch.device) -> None:
@@ -304,6 +318,12 @@ class RolloutBase:
         self.timestep_values: list[float] = self.timesteps.tolist()
         if trim is not None and trim.enabled:
             trim.resolve_detect_step(len(self.timesteps))  # validates detect_step
+            if tuple(trim.patch) != self.facts.patch:
+                raise ValueError(
+                    f"TokenTrimConfig.patch {tuple(trim.patch)} must equal the model's spatial patch "
+                    f"{self.facts.patch}: the unstable set indexes the model's tokens, another patch would "
+                    f"prune the wrong ones (use patch={self.facts.patch})"
+                )
         self.cache = None
         self.runner = None
         self.hook = None
