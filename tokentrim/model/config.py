@@ -109,12 +109,21 @@ class WanConfig:
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> WanConfig:
-        """Read an original Wan ``config.json`` or a diffusers transformer ``config.json``."""
-        with open(path, encoding="utf-8") as f:
-            d = json.load(f)
+        """Read an original Wan ``config.json`` or a diffusers transformer ``config.json``.
+
+        Raises ``ValueError`` naming the file when it is not valid JSON or not a Wan config.
+        """
+        try:
+            with open(path, encoding="utf-8") as f:
+                d = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{os.fspath(path)}: not a valid JSON config file ({e})") from None
         if not isinstance(d, dict):
-            raise ValueError(f"{path}: expected a JSON object, got {type(d).__name__}")
-        return cls.from_dict(d)
+            raise ValueError(f"{os.fspath(path)}: expected a JSON object, got {type(d).__name__}")
+        try:
+            return cls.from_dict(d)
+        except (TypeError, ValueError, KeyError) as e:
+            raise ValueError(f"{os.fspath(path)}: not a usable Wan config ({e})") from None
 
     @classmethod
     def resolve(cls, config) -> WanConfig:

@@ -87,15 +87,38 @@ class _Source:
         self.getters, self.config, self.desc = getters, config, desc
 
 
+def _unreadable(file: str, e: Exception) -> ValueError:
+    size = os.path.getsize(file) if os.path.isfile(file) else None
+    what = "empty" if size == 0 else f"{size} bytes"
+    return ValueError(f"{file}: cannot read it as safetensors ({what}; truncated, an interrupted download or not a "
+                      f"safetensors file: {type(e).__name__}: {e})")
+
+
 def _safetensors_getters(files: dict[str, list[str]]) -> dict:
+    """Lazy getters; a file that is empty, truncated or not safetensors raises ``ValueError`` naming it
+    (at open for a bad header or size, at read for anything the header did not reveal)."""
     from safetensors import safe_open
+
+    def getter(file, handle, name):
+        def get():
+            try:
+                return handle.get_tensor(name)
+            except Exception as e:  # SafetensorError is not importable from a stable place
+                raise _unreadable(file, e) from None
+        return get
 
     getters = {}
     for file, names in files.items():
         _refuse_lfs_pointer(file)
-        handle = safe_open(file, framework="pt", device="cpu")
-        for name in names if names is not None else handle.keys():
-            getters[name] = (lambda h, n: lambda: h.get_tensor(n))(handle, name)
+        try:
+            handle = safe_open(file, framework="pt", device="cpu")
+            keys = list(handle.keys())
+        except OSError as e:
+            raise ValueError(f"{file}: cannot open it ({e})") from None
+        except Exception as e:  # safetensors_rust.SafetensorError (header too small, incomplete, invalid)
+            raise _unreadable(file, e) from None
+        for name in names if names is not None else keys:
+            getters[name] = getter(file, handle, name)
     return getters
 
 
@@ -231,10 +254,15 @@ def load_wan(path, config=None, dtype=None, device=None, which: str = "generator
 
     Raises:
         ValueError listing missing keys, unexpected keys and shape mismatches; for unknown
-        formats; for pickles that are not plain tensors (nothing in them is run).
+        formats; for pickles that are not plain tensors (nothing in them is run); naming the file
+        for an empty, truncated or unreadable safetensors file or a malformed config.json; for
+        ``device="cuda"`` without CUDA (before anything is read).
     """
     path = os.fspath(path)
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        why = "this torch build has no CUDA support" if torch.version.cuda is None else "no CUDA device is visible"
+        raise ValueError(f"load_wan(device={str(device)!r}): CUDA is not available ({why}); pass device='cpu'")
     dtype = dtype if dtype is not None else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     source = _open_source(path, which)
     if config is not None:
