@@ -181,12 +181,26 @@ def add_ratios(rows: list[dict], baseline_impl: str, metric: str = "time") -> No
 
 
 def write_results(rows: list[dict], env: dict, out_dir: Path, tag: str) -> tuple[Path, Path]:
-    """Write ``<tag>-<device-slug>-<YYYYMMDD>.csv`` and ``.json`` (the json also holds ``env``)."""
+    """Write ``<tag>-<device-slug>-<YYYYMMDD>-<HHMMSS>[-<n>].csv`` and ``.json`` (the json also holds
+    ``env``). Never overwrites: the stem is claimed by creating the CSV exclusively, with ``-2``,
+    ``-3``, ... appended while a run of the same second (or any older file) holds it."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"{slug(tag)}-{device_slug(env)}-{env['date_utc'][:10].replace('-', '')}"
-    csv_path, json_path = out_dir / f"{stem}.csv", out_dir / f"{stem}.json"
-    with open(csv_path, "w", newline="", encoding="utf-8") as f:
+    when = env["date_utc"]  # YYYY-MM-DDTHH:MM:SSZ
+    base = f"{slug(tag)}-{device_slug(env)}-{when[:10].replace('-', '')}-{when[11:19].replace(':', '')}"
+    for n in range(1, 10_000):
+        stem = base if n == 1 else f"{base}-{n}"
+        csv_path, json_path = out_dir / f"{stem}.csv", out_dir / f"{stem}.json"
+        if json_path.exists() or csv_path.with_suffix(".png").exists():
+            continue
+        try:
+            f = open(csv_path, "x", newline="", encoding="utf-8")
+        except FileExistsError:
+            continue
+        break
+    else:
+        raise FileExistsError(f"{out_dir}: no free result name for {base}")
+    with f:
         w = csv.DictWriter(f, fieldnames=FIELDS)
         w.writeheader()
         for r in rows:

@@ -7,7 +7,9 @@ Every section lives in ``bench/bench_<name>.py`` and exposes::
     def run(args, device) -> list[dict]:    # rows made with bench.common.row
 
 Sections are discovered from the files present, so a section that has not landed yet is simply
-absent. Results of the run go to ``<out-dir>/<section or "run">-<device>-<date>.csv`` and ``.json``.
+absent; naming an unknown one in ``--sections`` is an error (exit 2, with the valid list). Results
+of the run go to ``<out-dir>/<section or "run">-<device>-<date>-<time>[-n].csv`` and ``.json``
+(a new name per run: two runs never overwrite each other).
 """
 
 from __future__ import annotations
@@ -120,10 +122,10 @@ def main(argv=None) -> int:
         wanted = list(sections)
     else:
         wanted = [s.strip() for s in args.sections.split(",") if s.strip()]
-        for name in wanted:
-            if name not in sections:
-                print(f"[bench] section '{name}' is not available here, skipped", file=sys.stderr)
-        wanted = [n for n in wanted if n in sections]
+        unknown = [n for n in wanted if n not in sections]
+        if unknown or not wanted:
+            parser.error(f"--sections: unknown section(s) {', '.join(map(repr, unknown)) or '(none given)'}; "
+                         f"valid: {', '.join(sections) or 'none'} (or 'all')")
 
     env = common.env_info(device)
     print(f"[bench] {env['device_name']} ({device}), torch {env['torch']}, triton {env['triton']}, "
