@@ -28,6 +28,7 @@ import torch  # noqa: E402
 
 from bench import common  # noqa: E402
 from bench.plot import plot_rows  # noqa: E402
+from tokentrim.cli import HelpFormatter  # noqa: E402
 
 ORDER = ("drift", "attention", "rollout")  # known sections first, in this order; others after
 
@@ -53,7 +54,7 @@ def build_parser(sections: dict) -> argparse.ArgumentParser:
         description="Time tokentrim's kernels against their pure-PyTorch references (and, when those "
         "sections are present, the attention kernel and whole rollouts). Each measurement is a "
         "median; every kernel is reported beside a baseline measured in the same run.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument(
         "--device",

@@ -128,3 +128,27 @@ def test_trim_patch_must_match_the_model(model, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "must equal the model's spatial patch" in err and "Traceback" not in err
     assert not (tmp_path / "x").exists()
+
+
+# ------------------------------------------------------------------------------------ telemetry PNG
+def test_plot_of_a_run_without_tokentrim_shows_block_time(model, tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from tokentrim import telemetry
+
+    res = SelfForcingRollout(model, SelfForcingConfig(denoising_steps=(1000, 500))).run(torch.randn(1, 8, 64), 3, 4, 4)
+    assert all(r["severity"] is None for r in res.records)
+    fig = telemetry._figure(res.records, None)
+    try:
+        ax = fig.axes[0]
+        assert "time" in ax.get_ylabel()
+        heights = [p.get_height() for p in ax.patches]
+        assert heights == pytest.approx([r["time_s"] for r in res.records]) and all(h > 0 for h in heights)
+        assert [p.get_height() for p in fig.axes[1].patches] == [3, 3, 2]  # forwards per block
+    finally:
+        plt.close(fig)
+    png = telemetry.plot(res.records, tmp_path / "off.png")
+    assert open(png, "rb").read(4) == b"\x89PNG"

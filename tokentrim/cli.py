@@ -7,6 +7,8 @@ Subcommands:
   ([B, F, C, H, W] float32), ``telemetry.json`` and ``telemetry.png`` into ``--out``.
 - ``tokentrim generate``: prompt -> mp4 (registered when ``tokentrim.generate`` is importable).
 
+``tokentrim --version`` prints the version; ``python -m tokentrim`` is the same command.
+
 Bad arguments end with an argparse error (exit code 2), never a traceback.
 """
 
@@ -45,13 +47,19 @@ _seed_int = _int_at_least(0, 2**63 - 1)  # torch generators take a signed 64-bit
 EXIT_INTERRUPTED = 130
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Appends "(default: ...)" unless the help already states the default."""
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" only where it says something: not when the help already states the
+    default (any "default" in it) and not for None/False defaults (a flag that is off, or a value
+    resolved at run time, which the help then explains). Used by ``tokentrim`` and ``bench/run.py``."""
 
     def _get_help_string(self, action):
-        if "(default:" in (action.help or ""):
-            return action.help
+        text = action.help or ""
+        if action.default is None or action.default is False or "default" in text.lower():
+            return text
         return super()._get_help_string(action)
+
+
+_HelpFormatter = HelpFormatter
 
 
 def add_rollout_parser(subparsers) -> argparse.ArgumentParser:
@@ -111,10 +119,13 @@ def add_rollout_parser(subparsers) -> argparse.ArgumentParser:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``tokentrim`` parser with every available subcommand."""
+    from tokentrim import __version__
+
     parser = argparse.ArgumentParser(
         prog="tokentrim",
         description="tokentrim: Wan2.1 autoregressive video rollouts with TokenTrim drift pruning.",
     )
+    parser.add_argument("--version", action="version", version=f"tokentrim {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_rollout_parser(sub)
     try:

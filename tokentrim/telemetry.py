@@ -55,24 +55,47 @@ def _per_video(records: Sequence[dict], key: str, batch: int) -> list[list[float
 
 
 def plot(records: Sequence[dict], path: str | os.PathLike, title: str | None = None) -> str:
-    """PNG plot of severity, threshold, prune decisions and regenerations per block.
+    """PNG plot of the run, block by block (matplotlib Agg backend, no display needed).
 
-    Top panel: drift severity per video (solid), the threshold mu + lambda*sigma (dashed), pruned
-    blocks marked with a red x, the severity of the regenerated block (dots). Bottom panel: number
-    of regenerations per block. Uses the matplotlib Agg backend (no display needed).
+    With TokenTrim decisions: severity per video (solid), the threshold mu + lambda*sigma (dashed),
+    pruned blocks marked with a red x, the severity of the regenerated block (dots); then the
+    regenerations per block. Always: the time per block (``time_s``), so a run without TokenTrim
+    (no severities) still shows its per-block time and forwards instead of empty axes.
     """
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    records = list(records)
+    fig = _figure(list(records), title)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return str(path)
+
+
+def _figure(records: list[dict], title: str | None):
+    import matplotlib.pyplot as plt
+
     batch = max((len(r["severity"]) for r in records if isinstance(r.get("severity"), (list, tuple))), default=1)
     blocks = [r.get("block", i) for i, r in enumerate(records)]
     sev = _per_video(records, "severity", batch)
+    decided = any(not math.isnan(x) for row in sev for x in row)
+    times = [float(r["time_s"]) if r.get("time_s") is not None else math.nan for r in records]
+    if not decided:
+        fig, (ax_t, ax_f) = plt.subplots(2, 1, figsize=(9, 5.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+        ax_t.bar(blocks, times, color="C0")
+        ax_t.set_ylabel("time per block (s)")
+        ax_t.set_title(title or "per-block telemetry (no TokenTrim decisions)")
+        ax_t.grid(alpha=0.3)
+        ax_f.bar(blocks, [int(r.get("forwards") or 0) for r in records], color="C2")
+        ax_f.set_ylabel("forwards")
+        ax_f.set_xlabel("block")
+        ax_f.grid(alpha=0.3)
+        fig.tight_layout()
+        return fig
     thr = _per_video(records, "threshold", batch)
     fin = _per_video(records, "final_severity", batch)
-    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(9, 5.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    fig, (ax, ax2, ax3) = plt.subplots(3, 1, figsize=(9, 7), sharex=True, gridspec_kw={"height_ratios": [3, 1, 1]})
     for b in range(batch):
         color = f"C{b % 10}"
         ax.plot(blocks, sev[b], "-o", color=color, ms=3, label=f"severity v{b}")
@@ -92,12 +115,13 @@ def plot(records: Sequence[dict], path: str | os.PathLike, title: str | None = N
     ax.set_title(title or "TokenTrim per-block telemetry")
     ax2.bar(blocks, [_regen_count(r) for r in records], color="C3")
     ax2.set_ylabel("regenerations")
-    ax2.set_xlabel("block")
     ax2.grid(alpha=0.3)
+    ax3.bar(blocks, times, color="C0")
+    ax3.set_ylabel("time (s)")
+    ax3.set_xlabel("block")
+    ax3.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return str(path)
+    return fig
 
 
 def _flag(values, b: int) -> bool:
