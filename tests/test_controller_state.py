@@ -126,8 +126,8 @@ def test_trim_patch_must_match_the_model(model, tmp_path, capsys):
                   "--no-progress"])
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert "must equal the model's spatial patch" in err and "Traceback" not in err
-    assert not (tmp_path / "x").exists()
+    assert "does not match the model's spatial patch (2, 2)" in err and "Traceback" not in err
+    assert not (tmp_path / "x" / "latents.pt").exists()
 
 
 # ------------------------------------------------------------------------------------ telemetry PNG

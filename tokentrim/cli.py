@@ -216,6 +216,15 @@ def _load_text(args, parser, cfg):
     return text
 
 
+def _check_patch(parser, model, trim) -> None:
+    """--trim-patch against the model's patch, named as the flag (the rollout rejects it too)."""
+    cfg = model.config
+    patch = getattr(trim, "patch", None)
+    if trim.enabled and patch is not None and tuple(patch) != tuple(cfg.patch_size[1:]):
+        parser.error(f"--trim-patch {patch[0]} {patch[1]} does not match the model's spatial patch "
+                     f"{tuple(cfg.patch_size[1:])}: TokenTrim's token grid must be the model's")
+
+
 def _check_limits(args, parser, rollout, model, trim) -> None:
     """What would stop the run midway, checked before the first block: the latent size, TokenTrim's
     patch against the model's, and the frame positions the model can encode."""
@@ -224,10 +233,7 @@ def _check_limits(args, parser, rollout, model, trim) -> None:
         cfg.tokens_per_frame(args.height, args.width)
     except ValueError as e:
         parser.error(str(e))
-    patch = getattr(trim, "patch", None)
-    if trim.enabled and patch is not None and tuple(patch) != tuple(cfg.patch_size[1:]):
-        parser.error(f"--trim-patch {patch[0]} {patch[1]} does not match the model's spatial patch "
-                     f"{tuple(cfg.patch_size[1:])}: TokenTrim's token grid must be the model's")
+    _check_patch(parser, model, trim)
     from tokentrim.model import rope
 
     frames = args.blocks * int(getattr(rollout.config, "block_frames", 3))
@@ -281,6 +287,7 @@ def _run_rollout(args, parser, device, dtype, preset, trim) -> int:
     else:
         gen = torch.Generator().manual_seed(args.seed)
         text = torch.randn(args.batch, cfg.text_len, cfg.text_dim, generator=gen)
+    _check_patch(parser, model, trim)
     rollout = _make_rollout(args, parser, model, trim)
     _check_limits(args, parser, rollout, model, trim)
     meta = {
