@@ -13,7 +13,9 @@ A block of T tokens is written at [length[b], length[b] + T) with a device-side 
 captured CUDA graph can replay writes into a growing cache; it joins the cache on ``commit``.
 Until then it can be rewritten any number of times (denoising steps, cache refresh, regeneration).
 Evicting frames and compacting pruned tokens move the kept tokens to the front in order; keys keep
-the rotary position they were written with (positions are never re-based).
+the rotary position they were written with, relative to ``position_base``: a key of absolute frame f
+is rotated at position f - position_base. ``tokentrim.rollout.positions.rebase`` moves the base
+(rotating every cached key in place) so that unbounded videos stay inside the RoPE table.
 """
 
 from __future__ import annotations
@@ -117,6 +119,10 @@ class KVCache:
         #: 0-dim int64 device mirror of the oldest committed non-sink frame (-1 = none), so the
         #: model can place the raw sink inside a captured CUDA graph (see sink_rope_frame_start)
         self.sink_anchor = torch.full((), -1, dtype=torch.int64, device=self.device)
+        #: absolute frame at RoPE position 0 (host int) and its 0-dim int64 device mirror, which the
+        #: model subtracts from frame_start inside captured graphs (changed only by a re-base)
+        self.position_base = 0
+        self.position_base_t = torch.zeros((), dtype=torch.int64, device=self.device)
         self._ar = torch.arange(C, device=self.device)  # int64 token offsets
         self._bidx = torch.arange(B, device=self.device)[:, None]
         self._pos_in_frame = (self._ar % self.tokens_per_frame).to(torch.int32)
@@ -186,6 +192,8 @@ class KVCache:
         self.token_pos.fill_(-1)
         self.frames.clear()
         self._sync_anchor()
+        self.position_base = 0
+        self.position_base_t.zero_()
 
     def prepare(self, num_new_frames: int) -> list[int]:
         """Make room for ``num_new_frames`` frames after the committed ones.

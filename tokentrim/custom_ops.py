@@ -204,7 +204,20 @@ def _(x, weight, bias, shift_t, shift_e, scale_t, scale_e, eps, out_dtype, backe
     return torch.empty(x.shape, dtype=out_dtype, device=x.device)
 
 
+# -------------------------------------------------------------------------------- RoPE re-base
+@torch.library.custom_op(f"{NAMESPACE}::rope_rebase", mutates_args=("k",))
+def rope_rebase(k: Tensor, delta: Tensor, theta: float = 10000.0, backend: str = "auto") -> None:
+    """``tokentrim.ops.rope_rebase``: moves every key's temporal RoPE position by ``delta`` (0-dim
+    int device tensor) in place. Host sync: none."""
+    ops.rope_rebase(k, delta, theta, backend=backend)
+
+
+@rope_rebase.register_fake
+def _(k, delta, theta=10000.0, backend="auto"):
+    return None
+
+
 __all__ = [
     "NAMESPACE", "attention_tiles", "compact_kv", "drift_topk", "ln_modulate", "masked_attention", "qk_norm_rope",
-    "residual_ln_modulate", "rms_norm", "rope_into", "plan_width",
+    "residual_ln_modulate", "rms_norm", "rope_into", "rope_rebase", "plan_width",
 ]

@@ -27,7 +27,6 @@ from tokentrim.safeio import LOAD_ERRORS, OutputLock, deferred_signals, describe
 PIPELINES = ("self-forcing", "rolling-forcing")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 BLOCK_FRAMES = 3
-MAX_LATENT_FRAMES = 1024  # RoPE table length of Wan2.1 (REFERENCE.md section 2)
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
@@ -214,11 +213,6 @@ def _check_args(args) -> tuple[int, torch.device, torch.dtype]:
         blocks = args.blocks
     else:
         blocks = blocks_for_seconds(5.0 if args.seconds is None else args.seconds)
-    if blocks * BLOCK_FRAMES > MAX_LATENT_FRAMES:
-        raise GenerateError(
-            f"{blocks} blocks = {blocks * BLOCK_FRAMES} latent frames exceed the {MAX_LATENT_FRAMES} positions of "
-            f"Wan's RoPE table (at most {MAX_LATENT_FRAMES // BLOCK_FRAMES} blocks, about 4 minutes 15 s)"
-        )
     if not 0 <= args.crf <= 51:
         raise GenerateError(f"--crf must be in [0, 51], got {args.crf}")
     if not 0 <= args.seed < 2**63:

@@ -195,6 +195,34 @@ def compact_kv(kv, keep, kv_len, backend: str = "auto", check_range: bool = Fals
     return reference.compact_kv(kv, keep, kv_len)
 
 
+def rope_rebase(k, delta, theta: float = 10000.0, backend: str = "auto"):
+    """Move the temporal RoPE position of every key in ``k`` by ``delta`` frames, in place.
+
+    Args:
+        k: [..., D] keys stored after Wan2.1's 3D RoPE, e.g. a KV cache's keys of every layer
+            ``cache.kv[:, 0]`` [layers, B, L, H, D]; fp32/fp16/bf16.
+        delta: 0-dim int32/int64 tensor on k's device (graph-safe: read on the device), or an int.
+        theta: the RoPE base (Wan: 10000).
+
+    Returns:
+        k. Attention of queries at positions p + delta over the re-based keys equals attention of
+        queries at p over the original keys (up to one rounding of k to its dtype). Host sync: none.
+    """
+    if not isinstance(k, torch.Tensor):
+        raise TypeError(f"k must be a torch.Tensor, got {type(k).__name__}")
+    if isinstance(delta, bool) or not isinstance(delta, (int, torch.Tensor)):
+        raise TypeError(f"delta must be an int or a 0-dim integer tensor, got {type(delta).__name__}")
+    if isinstance(delta, int):
+        delta = torch.tensor(delta, dtype=torch.int64, device=k.device)
+    if resolve_backend(backend, k.device) == "triton":
+        return _kernel("rope_rebase").rope_rebase_(k, delta, theta)
+    if delta.dim() != 0 or delta.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"delta must be a 0-dim int32/int64 tensor, got {delta.dtype} {tuple(delta.shape)}")
+    if k.dtype not in (torch.float32, torch.float16, torch.bfloat16) or k.dim() < 2 or k.shape[-1] < 6 or k.shape[-1] % 2:
+        raise ValueError(f"k must be a float tensor [..., D] with even D >= 6, got {k.dtype} {tuple(k.shape)}")
+    return reference.rope_rebase(k, delta, theta)
+
+
 # Registers torch.ops.tokentrim.* (at the end: custom_ops calls back into this module).
 from tokentrim import custom_ops as _custom_ops  # noqa: E402, F401
 

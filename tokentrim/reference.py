@@ -205,3 +205,24 @@ def residual_ln_modulate(x, y, gate, weight, bias, shift, scale, eps: float, out
 def ln_modulate(x, weight, bias, shift, scale, eps: float, out_dtype: torch.dtype):
     """Reference of ``tokentrim.ops.ln_modulate``: ``residual_ln_modulate`` without a residual."""
     return residual_ln_modulate(x, None, None, weight, bias, shift, scale, eps, out_dtype)[1]
+
+
+# ------------------------------------------------------------------------------------ rope re-base
+def rope_rebase(k: torch.Tensor, delta, theta: float = 10000.0) -> torch.Tensor:
+    """Reference of ``tokentrim.ops.rope_rebase``: in place, returns k.
+
+    k [..., D] keys after Wan2.1's 3D RoPE (interleaved pairs; the first D - 4*(D//6) channels are
+    the temporal band). Every key's temporal position moves by ``delta`` (int or 0-dim integer
+    tensor) frames: pair i of the temporal band turns by delta * theta**(-2i/band) (angles in
+    float64, cos/sin in fp32, rotation in fp32); the spatial bands are untouched.
+    """
+    D = k.shape[-1]
+    band = D - 4 * (D // 6)
+    d = delta.to(device=k.device, dtype=torch.float64) if isinstance(delta, torch.Tensor) else torch.tensor(
+        float(delta), dtype=torch.float64, device=k.device)
+    ang = d * theta ** (-torch.arange(0, band, 2, dtype=torch.float64, device=k.device) / band)
+    c, s = ang.cos().float(), ang.sin().float()
+    x = k[..., :band].float().unflatten(-1, (-1, 2))
+    x0, x1 = x[..., 0], x[..., 1]
+    k[..., :band] = torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1).flatten(-2).to(k.dtype)
+    return k

@@ -32,7 +32,7 @@ def rope_tables(head_dim: int, max_positions: int = MAX_POSITIONS, theta: float 
     return angles.cos().float(), angles.sin().float()
 
 
-def _frame_positions(frame_start, num_frames: int, device) -> torch.Tensor:
+def _frame_positions(frame_start, num_frames: int, device, max_positions: int = MAX_POSITIONS) -> torch.Tensor:
     """int64 positions [num_frames] = frame_start + arange; frame_start int or 0-dim integer tensor.
 
     Host sync: none (a tensor frame_start stays on the device; its value is never read).
@@ -46,9 +46,10 @@ def _frame_positions(frame_start, num_frames: int, device) -> torch.Tensor:
         return frame_start.to(device=device, dtype=torch.int64) + ar
     if isinstance(frame_start, bool) or not isinstance(frame_start, int):
         raise TypeError(f"frame_start must be an int or a 0-dim integer tensor, got {type(frame_start).__name__}")
-    if frame_start < 0 or frame_start + num_frames > MAX_POSITIONS:
+    if frame_start < 0 or frame_start + num_frames > max_positions:
         raise ValueError(
-            f"frames [{frame_start}, {frame_start + num_frames}) exceed the RoPE table of {MAX_POSITIONS} positions"
+            f"frames [{frame_start}, {frame_start + num_frames}) exceed the RoPE table of {max_positions} positions"
+            " (rollouts re-base positions past it: tokentrim.rollout.positions)"
         )
     return ar + frame_start
 
@@ -61,7 +62,7 @@ def rope_cos_sin(cos_tab, sin_tab, frame_start, num_frames: int, h: int, w: int)
     """
     dev = cos_tab.device
     nt, nh, _ = (b // 2 for b in rope_split(2 * cos_tab.shape[1]))
-    f_idx = _frame_positions(frame_start, num_frames, dev)
+    f_idx = _frame_positions(frame_start, num_frames, dev, cos_tab.shape[0])
     out = []
     for tab in (cos_tab, sin_tab):
         ft = tab[:, :nt].index_select(0, f_idx)[:, None, None, :].expand(num_frames, h, w, nt)

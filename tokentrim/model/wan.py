@@ -33,7 +33,9 @@ tested against an independent re-implementation of those semantics, tests/_wan_h
   angles are fp64 as upstream but the rotation runs in fp32 (upstream: complex128). RMSNorm
   multiplies by its weight before the single rounding (upstream rounds, then multiplies).
 - t is rounded to fp32 first, as upstream's scheduler timesteps are fp32.
-- Positions past the 1024-entry RoPE table raise ValueError (upstream fails on a shape error).
+- RoPE positions are absolute frames minus ``cache.position_base`` (0 unless the rollout re-based
+  the cache, tokentrim.rollout.positions); a position past the 1024-entry table raises
+  ValueError (upstream fails on a shape error).
 - Which frames the cache holds (Self Forcing's 21-frame ``max_attention_size`` / local window,
   Rolling Forcing's 24-frame buffer) is the cache's and the rollout's business: this model
   attends to everything committed under ``cache.keep``. In particular upstream Rolling Forcing's
@@ -399,7 +401,7 @@ class WanModel(nn.Module):
         T = Fb * S
         h = self._embed(x)
         e, e0 = self._time(t)
-        rope = rope_cos_sin(self.rope_cos, self.rope_sin, frame_start, Fb, H // ph, W // pw)
+        rope = rope_cos_sin(self.rope_cos, self.rope_sin, _position(cache, frame_start), Fb, H // ph, W // pw)
         kv_len = cache.attend_len(T)
         sink_rope = None
         raw_sink = bool(cache.raw_sink)
@@ -410,7 +412,7 @@ class WanModel(nn.Module):
         else:
             sink_done = host_state[1]
         if sink_done:
-            start = _sink_rope_start(cache, frame_start)
+            start = _position(cache, _sink_rope_start(cache, frame_start))
             sink_rope = rope_cos_sin(self.rope_cos, self.rope_sin, start, cache.sink_frames, H // ph, W // pw)
         if fused:
             return self._cached_fused(h, e, e0, ctx, cache, rope, sink_rope, kv_len, kv_only, H, W, host_state)
@@ -509,6 +511,16 @@ class WanModel(nn.Module):
         got = {k: getattr(cache, k, None) for k in want}
         if got != want:
             raise ValueError(f"cache does not fit the model/latents: expected {want}, got {got}")
+
+
+def _position(cache, frame):
+    """RoPE position of absolute ``frame`` (int or 0-dim device tensor) in ``cache``: frame minus the
+    cache's ``position_base`` (0 until a re-base). A tensor frame is offset by the device-side base,
+    so a captured graph stays valid after a re-base. Host sync: none."""
+    if isinstance(frame, torch.Tensor):
+        base = getattr(cache, "position_base_t", None)
+        return frame if base is None else frame - base
+    return frame - getattr(cache, "position_base", 0)
 
 
 def _sink_rope_start(cache, frame_start):

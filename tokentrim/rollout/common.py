@@ -296,7 +296,7 @@ class RolloutBase:
     name = "rollout"
 
     def __init__(self, model, config=None, trim: TokenTrimConfig | None = None, use_graphs: bool = False,
-                 compile: bool | str = False):
+                 compile: bool | str = False, position_limit: int | None = None):
         if config is None:
             config = self.config_class()
         if not isinstance(config, self.config_class):
@@ -324,6 +324,9 @@ class RolloutBase:
                     f"{self.facts.patch}: the unstable set indexes the model's tokens, another patch would "
                     f"prune the wrong ones (use patch={self.facts.patch})"
                 )
+        #: RoPE positions a rollout may use before re-basing (None = the model's table, 1024)
+        self.position_limit = position_limit
+        self.positions = None  # the PositionRebaser of the last run (its .events list the re-bases)
         self.cache = None
         self.runner = None
         self.hook = None

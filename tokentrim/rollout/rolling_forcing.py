@@ -86,6 +86,7 @@ from tokentrim.rollout.common import (
     prepare_text,
 )
 from tokentrim.rollout.graphs import GraphRunner
+from tokentrim.rollout.positions import PositionRebaser
 
 
 @dataclass
@@ -192,18 +193,22 @@ class RollingForcingRollout(RolloutBase):
         ctx, batch = prepare_text(self.model, text)
         from tokentrim.cache import KVCache
 
-        self.cache = KVCache(facts.num_layers, batch, facts.num_heads, facts.head_dim, tpf, cfg.cache_frames,
+        S, bf = len(self.timesteps), cfg.block_frames
+        # sized for this video: a short one (fewer blocks than the window) never fills cache_frames
+        frames = min(cfg.cache_frames, cfg.sink_frames + cfg.local_frames + min(num_blocks, S) * bf)
+        self.cache = KVCache(facts.num_layers, batch, facts.num_heads, facts.head_dim, tpf, frames,
                              sink_frames=cfg.sink_frames, raw_sink=True, dtype=facts.dtype, device=facts.device)
         self.runner = GraphRunner(self.model, ctx, self.cache, enabled=self.use_graphs, compile=self.compile)
         self.refresh_cache = None
         if cfg.refresh_frames:
             self.refresh_cache = KVCache(facts.num_layers, batch, facts.num_heads, facts.head_dim, tpf,
-                                         cfg.refresh_frames, dtype=facts.dtype, device=facts.device)
+                                         min(cfg.refresh_frames, num_blocks * bf), dtype=facts.dtype,
+                                         device=facts.device)
+        self.positions = PositionRebaser(self.model, [self.cache, self.refresh_cache], self.position_limit)
         self.hook = TrimHook(self.trim, batch, cfg.compact_after_prune)
         self.recorder = BlockRecorder(facts.device)
         self.windows = []
         self._t_windows: dict = {}
-        S, bf = len(self.timesteps), cfg.block_frames
         shape = (batch, bf, facts.channels, height, width)
         noise: dict[int, torch.Tensor] = {}  # block -> [S, B, bf, C, H, W]
         state: dict[int, torch.Tensor] = {}  # block -> its current noisy latents (f32)
@@ -224,6 +229,9 @@ class RollingForcingRollout(RolloutBase):
                     t = self._window_timesteps(levels, batch)
                     fs = first * bf
                     self.cache.prepare(x.shape[1])
+                    # positions looked up: the window's frames and the raw sink's, right before the
+                    # oldest kept non-sink frame; re-based when they would pass the RoPE table
+                    self.positions.ensure(min(fs, self.cache.sink_rope_frame_start(fs)), fs + x.shape[1])
                     attended = list(self.cache.frames)
                     x0 = self._window(x, t, fs)
                     forwards += 1

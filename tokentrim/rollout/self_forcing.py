@@ -3,7 +3,8 @@
 Per block b of ``block_frames`` latent frames starting at absolute frame ``b * block_frames``:
 
 1. ``cache.prepare(block_frames)``: past ``cache_frames`` committed frames the oldest non-sink
-   frames are evicted (the first ``sink_frames`` stay); RoPE positions are never re-based.
+   frames are evicted (the first ``sink_frames`` stay). When the block would pass the RoPE table
+   (``position_limit``) every cached key is re-based (``rollout.positions``): any length runs.
 2. Denoising: x = noise; for each warped timestep t_i: flow = forward_cached(x, t_i); x0 = x - sigma_i
    * flow; if not last: x = (1 - sigma_{i+1}) x0 + sigma_{i+1} * fresh noise. The noisy block's K/V are
    written at the cache's end but not committed.
@@ -56,6 +57,7 @@ from tokentrim.rollout.common import (
     prepare_text,
 )
 from tokentrim.rollout.graphs import GraphRunner
+from tokentrim.rollout.positions import PositionRebaser
 
 
 @dataclass
@@ -128,7 +130,8 @@ class SelfForcingRollout(RolloutBase):
         tpf = self.facts.tokens_per_frame(height, width)
         ctx, batch = prepare_text(self.model, text)
         cfg, facts = self.config, self.facts
-        self.cache = self._make_cache(batch, tpf)
+        self.cache = self._make_cache(batch, tpf, num_blocks)
+        self.positions = PositionRebaser(self.model, [self.cache], self.position_limit)
         self.runner = GraphRunner(self.model, ctx, self.cache, enabled=self.use_graphs, compile=self.compile)
         self.hook = TrimHook(self.trim, batch, cfg.compact_after_prune)
         self.recorder = BlockRecorder(facts.device)
@@ -150,12 +153,15 @@ class SelfForcingRollout(RolloutBase):
                 yield BlockOutput(b, x0, rec)
 
     # ---------------------------------------------------------------------------------- pieces
-    def _make_cache(self, batch: int, tpf: int):
+    def _make_cache(self, batch: int, tpf: int, num_blocks: int):
+        """A cache of ``cache_frames`` frames, or of the video's frames when it is shorter (at least
+        the sink and one block, as the cache requires): nothing is evicted then either."""
         from tokentrim.cache import KVCache
 
-        f = self.facts
-        return KVCache(f.num_layers, batch, f.num_heads, f.head_dim, tpf, self.config.cache_frames,
-                       sink_frames=self.config.sink_frames, dtype=f.dtype, device=f.device)
+        f, cfg = self.facts, self.config
+        frames = min(cfg.cache_frames, max(num_blocks * cfg.block_frames, cfg.sink_frames + cfg.block_frames))
+        return KVCache(f.num_layers, batch, f.num_heads, f.head_dim, tpf, frames,
+                       sink_frames=cfg.sink_frames, dtype=f.dtype, device=f.device)
 
     def _noise(self, b: int, attempt: int = 0) -> torch.Tensor:
         """[S, B, F, C, H, W]: initial noise, then one tensor per re-noising."""
@@ -193,6 +199,7 @@ class SelfForcingRollout(RolloutBase):
         """One accepted block: (x0 [B,F,C,H,W] f32, trim record or None, regeneration passes, forwards)."""
         cfg, hook = self.config, self.hook
         self.cache.prepare(cfg.block_frames)
+        self.positions.ensure(b * cfg.block_frames, (b + 1) * cfg.block_frames)
         noise = self._noise(b)
         if not hook.active or prev is None:
             x0, _, n = self._denoise(noise, b, None)
