@@ -226,23 +226,14 @@ def _check_patch(parser, model, trim) -> None:
 
 
 def _check_limits(args, parser, rollout, model, trim) -> None:
-    """What would stop the run midway, checked before the first block: the latent size, TokenTrim's
-    patch against the model's, and the frame positions the model can encode."""
+    """What would stop the run midway, checked before the first block: the latent size and TokenTrim's
+    patch against the model's. (Any length runs: rollouts re-base RoPE positions past the table.)"""
     cfg = model.config
     try:
         cfg.tokens_per_frame(args.height, args.width)
     except ValueError as e:
         parser.error(str(e))
     _check_patch(parser, model, trim)
-    from tokentrim.model import rope
-
-    frames = args.blocks * int(getattr(rollout.config, "block_frames", 3))
-    check = getattr(rope, "_frame_positions", None)  # the check the model itself runs per forward
-    if check is not None:
-        try:
-            check(frames - 1, 1, "cpu")
-        except ValueError as e:
-            parser.error(f"--blocks {args.blocks} ({frames} latent frames): {e}")
 
 
 def run_rollout(args) -> int:
