@@ -112,6 +112,9 @@ def add_rollout_parser(subparsers) -> argparse.ArgumentParser:
                    help="output folder for latents.pt, telemetry.json, telemetry.png")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                    help="show a progress bar per block")
+    from tokentrim.memory import add_cli_arguments
+
+    add_cli_arguments(g)
     TokenTrimConfig.add_cli_arguments(p)
     p.set_defaults(func=run_rollout, _parser=p)
     return p
@@ -162,7 +165,8 @@ def _resolve(args, parser):
     from tokentrim.safeio import check_output_dir
 
     try:
-        check_output_dir(args.out, "--out")
+        if not getattr(args, "dry_run", False):  # a dry run writes nothing
+            check_output_dir(args.out, "--out")
     except ValueError as e:
         parser.error(str(e))
     try:
@@ -236,6 +240,41 @@ def _check_limits(args, parser, rollout, model, trim) -> None:
     _check_patch(parser, model, trim)
 
 
+def _memory_check(args, parser, device, dtype, preset) -> bool:
+    """Print the memory estimate before any work; refuse (exit 2) a run that would not fit. Returns
+    True for ``--dry-run`` (estimate printed, nothing else to do)."""
+    from tokentrim import memory
+    from tokentrim.model import WanConfig
+    from tokentrim.rollout import RollingForcingConfig, SelfForcingConfig
+
+    cfg = None
+    if args.checkpoint is not None:
+        try:
+            cfg = WanConfig.resolve(args.checkpoint)  # a folder or config.json; a bare file has none
+        except (TypeError, ValueError, OSError):
+            cfg = None
+    try:
+        cfg = cfg or WanConfig.preset(args.preset or preset)
+        if args.pipeline == "self-forcing":
+            rc = SelfForcingConfig(cache_frames=args.cache_frames, sink_frames=args.sink_frames)
+        else:
+            rc = RollingForcingConfig(sink_frames=args.sink_frames)
+        est = memory.estimate_rollout(cfg, pipeline=args.pipeline, rollout_config=rc, batch=args.batch,
+                                      height=args.height, width=args.width, num_blocks=args.blocks, dtype=dtype,
+                                      device=device.type, keep_output=False)
+    except (TypeError, ValueError):
+        return False  # reported with its own message by the checks that follow
+    print(est.format(), file=sys.stdout if args.dry_run else sys.stderr)
+    if args.dry_run:
+        return True
+    try:
+        memory.check_fits(est, memory.cli_limit(args, device), f"--height {args.height} --width {args.width} "
+                                                               f"--batch {args.batch}")
+    except (MemoryError, ValueError) as e:
+        parser.error(str(e))
+    return False
+
+
 def run_rollout(args) -> int:
     """Handler of ``tokentrim rollout``; returns the exit code (0 done, 2 usage error, 130
     interrupted: the finished blocks are saved)."""
@@ -243,6 +282,8 @@ def run_rollout(args) -> int:
 
     parser = args._parser
     device, dtype, preset, trim = _resolve(args, parser)
+    if _memory_check(args, parser, device, dtype, preset):
+        return 0  # --dry-run
     lock = OutputLock(args.out)
     try:
         lock.acquire()

@@ -69,6 +69,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="the text prompt")
     src.add_argument("--prompts", type=Path, metavar="FILE", help="a text file with one prompt per line")
+    src.add_argument("--prompt-schedule", type=Path, metavar="FILE",
+                     help="one video whose prompt changes: lines of SECONDS_OR_BLOCK<TAB>prompt (4.5 or 4.5s = "
+                          "seconds, b7 = block 7), the first at 0")
+    p.add_argument("--recache", action="store_true",
+                   help="with --prompt-schedule: re-cache the recent context under the new prompt at each switch "
+                        "(Self Forcing; LongLive's KV re-cache)")
+    p.add_argument("--trim-reset-on-switch", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --prompt-schedule: restart TokenTrim's statistics at each switch (a wanted jump is "
+                        "not drift)")
     p.add_argument("--model-dir", type=Path, required=True,
                    help="local Wan2.1-T2V-1.3B-Diffusers folder (text_encoder/, tokenizer/, vae/, transformer/)")
     p.add_argument("--checkpoint", type=Path, default=None,
@@ -101,6 +110,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="output mp4; with several prompts: <stem>_000.mp4, <stem>_001.mp4, ...")
     p.add_argument("--crf", type=int, default=18, help="H.264 quality: 0 lossless, 18 visually lossless, 23 x264's default")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from tokentrim.memory import add_cli_arguments
+
+    add_cli_arguments(p)
     TokenTrimConfig.add_cli_arguments(p)
 
 
@@ -121,6 +133,8 @@ def read_prompts(args) -> list[str]:
         if not args.prompt.strip():
             raise GenerateError("--prompt is empty")
         return [args.prompt]
+    if getattr(args, "prompt_schedule", None) is not None:
+        return [args._schedule[0][1]]
     path = Path(args.prompts)
     try:
         text = read_text_file(path, "--prompts file")
@@ -130,6 +144,27 @@ def read_prompts(args) -> list[str]:
     if not prompts:
         raise GenerateError(f"--prompts file {str(path)!r} holds no prompt (one per line)")
     return prompts
+
+
+def _read_schedule(args, num_blocks: int):
+    """--prompt-schedule as [(block, prompt), ...] (None without it); every mistake is a
+    GenerateError naming the file and line, before anything is loaded."""
+    path = getattr(args, "prompt_schedule", None)
+    if path is None:
+        if getattr(args, "recache", False):
+            raise GenerateError("--recache re-caches at prompt switches: it needs --prompt-schedule")
+        return None
+    from tokentrim.rollout.prompts import parse_prompt_schedule
+    from tokentrim.safeio import read_text_file
+
+    try:
+        schedule = parse_prompt_schedule(read_text_file(path, "--prompt-schedule file"), num_blocks,
+                                         f"--prompt-schedule {str(path)!r}")
+    except ValueError as e:
+        raise GenerateError(str(e)) from None
+    if args.recache and args.pipeline != "self-forcing":
+        raise GenerateError("--recache is supported with --pipeline self-forcing only")
+    return schedule
 
 
 def _output_paths(out: Path, n: int) -> list[Path]:
@@ -415,7 +450,9 @@ def generate_batch(model, vae, text, prompts, paths, args, trim_cfg, num_blocks,
         panels = [(make_rollout(args.pipeline, model, trim_cfg if args.trim else None, args.cuda_graphs, args.compile), args.trim)]
     outputs = [VideoOutput(p, prompt, args.overlay, FPS, args.crf, base_meta) for p, prompt in zip(paths, prompts)]
     streams = [[vae.streaming_decoder() for _ in panels] for _ in range(B)]
-    gens = [r.iter_blocks(text, num_blocks, lat_h, lat_w, seed=args.seed) for r, _ in panels]
+    switches = getattr(args, "_switches", None)
+    extra = {} if not switches else dict(prompts=switches, recache=args.recache, reset_trim=args.trim_reset_on_switch)
+    gens = [r.iter_blocks(text, num_blocks, lat_h, lat_w, seed=args.seed, **extra) for r, _ in panels]
     status, error = "complete", None
     bar = tqdm(total=num_blocks, unit="block", desc=args.pipeline, disable=args.no_progress, file=sys.stderr)
     t0, frames_done = time.perf_counter(), 0
@@ -486,6 +523,7 @@ def _run(args, on_block) -> int:
     from tokentrim.video import check_model_dir
 
     num_blocks, device, dtype = _check_args(args)
+    args._schedule = _read_schedule(args, num_blocks)
     prompts = read_prompts(args)
     paths = _output_paths(Path(args.out), len(prompts))
     try:
@@ -496,6 +534,8 @@ def _run(args, on_block) -> int:
         trim_cfg.enabled = True
     model_dir = check_model_dir(args.model_dir, need_transformer=args.checkpoint is None)
     _check_trim_against_model(trim_cfg, args, model_dir)
+    if _memory_check(args, model_dir, num_blocks, device, dtype, len(prompts)):
+        return 0  # --dry-run
     _check_outputs(paths, args.overlay)
     with contextlib.ExitStack() as locks:  # one run at a time per output: a second one stops here
         for p in paths:
@@ -506,6 +546,32 @@ def _run(args, on_block) -> int:
         return _load_and_generate(args, on_block, model_dir, prompts, paths, trim_cfg, num_blocks, device, dtype)
 
 
+def _memory_check(args, model_dir, num_blocks, device, dtype, num_prompts) -> bool:
+    """Print the memory estimate (from the folder's config files, before loading anything) and refuse
+    a run that would not fit, with the numbers. Returns True for ``--dry-run``."""
+    from tokentrim import memory
+
+    config = None
+    if args.checkpoint is not None and Path(args.checkpoint).is_dir() and (Path(args.checkpoint) / "config.json").is_file():
+        config = str(Path(args.checkpoint) / "config.json")
+    try:
+        est = memory.estimate_generate(model_dir, pipeline=args.pipeline, height=args.height, width=args.width,
+                                       num_blocks=num_blocks, batch=min(args.batch_size, num_prompts), dtype=dtype,
+                                       num_prompts=len(getattr(args, "_schedule", None) or [None]),
+                                       device=device.type, checkpoint_config=config,
+                                       panels=2 if args.compare else 1)
+    except (ValueError, TypeError) as e:
+        raise GenerateError(f"cannot estimate the memory of this run: {e}") from None
+    print(est.format(), file=sys.stdout if args.dry_run else sys.stderr)
+    if args.dry_run:
+        return True
+    try:
+        memory.check_fits(est, memory.cli_limit(args, device), f"--height {args.height} --width {args.width}")
+    except (MemoryError, ValueError) as e:
+        raise GenerateError(str(e)) from None
+    return False
+
+
 def _load_and_generate(args, on_block, model_dir, prompts, paths, trim_cfg, num_blocks, device, dtype) -> int:
     source = str(args.checkpoint or model_dir / "transformer")
     model = load_transformer(args, model_dir, device, dtype)
@@ -513,6 +579,8 @@ def _load_and_generate(args, on_block, model_dir, prompts, paths, trim_cfg, num_
     vae = load_vae(model_dir, device)
     _check_compatible(model, encoder.text_dim, vae.z_dim, source)
     texts = [encoder.encode(prompts[i : i + args.batch_size]) for i in range(0, len(prompts), args.batch_size)]
+    if getattr(args, "_schedule", None):  # one video: every later prompt of the schedule, encoded now
+        args._switches = [(b, encoder.encode([p])) for b, p in args._schedule[1:]]
     del encoder  # umT5-xxl is ~11 GB in bf16: free it before the rollout
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -521,7 +589,7 @@ def _load_and_generate(args, on_block, model_dir, prompts, paths, trim_cfg, num_
         "pipeline": args.pipeline, "model_dir": str(model_dir), "checkpoint": source, "seed": args.seed,
         "height": args.height, "width": args.width, "fps": 16, "device": str(device), "dtype": str(dtype),
         "trim": trim_cfg.to_dict() if (args.trim or args.compare) else None, "compare": args.compare,
-        "argv": sys.argv,
+        "argv": sys.argv, "prompt_schedule": getattr(args, "_schedule", None),
     }
     written = []
     for start, text in zip(range(0, len(prompts), args.batch_size), texts):

@@ -127,6 +127,14 @@ class TokenTrimController:
         self._m2 = [0.0] * B  # cumulative: sum of squared deviations; ema: the variance itself
         self.records: list[dict] = []
 
+    def reset_statistics(self) -> None:
+        """Restart the running statistics of every video (a prompt switch: the next accepted blocks
+        warm up again and nothing is pruned before); the records are kept. Host sync: none."""
+        B = self.batch_size
+        self.count = [0] * B
+        self._mean = [0.0] * B
+        self._m2 = [0.0] * B
+
     def stats(self, video: int) -> tuple[float, float]:
         """(mu, sigma) of video ``video``'s accepted severities; (nan, nan) before the first."""
         n = self.count[video]

@@ -339,7 +339,7 @@ class RolloutBase:
         return None if self.hook is None else self.hook.controller
 
     def run(self, text, num_blocks: int, height: int, width: int, seed: int = 0, progress: bool = False,
-            video_offset: int = 0) -> RolloutResult:
+            video_offset: int = 0, prompts=None, recache: bool = False, reset_trim: bool = True) -> RolloutResult:
         """Generate ``num_blocks`` blocks; returns latents [B, num_blocks*block_frames, C, H, W] f32 (CPU).
 
         Args:
@@ -351,8 +351,17 @@ class RolloutBase:
             video_offset: job-level index of this batch's first video: video ``v`` draws its noise
                 from a generator seeded by (seed, video_offset + v), so a video's result does not
                 depend on the batch it runs in (data parallel: pass each rank's first index).
+            prompts: prompt switches ``[(block_index, text), ...]``: ``text`` ([B, Lt, text_dim] or a
+                TextContext) conditions the blocks from ``block_index`` on (strictly increasing, in
+                [1, num_blocks)); ``text`` conditions the blocks before the first switch.
+            recache: at a switch, re-cache the recent context under the new prompt (Self Forcing;
+                LongLive's KV re-cache).
+            reset_trim: at a switch, restart TokenTrim's running statistics (a wanted jump is not
+                drift, so it is not pruned).
+            (tokentrim.rollout.prompts has the details.)
         """
-        it = self.iter_blocks(text, num_blocks, height, width, seed=seed, video_offset=video_offset)
+        extra = {} if prompts is None else dict(prompts=prompts, recache=recache, reset_trim=reset_trim)
+        it = self.iter_blocks(text, num_blocks, height, width, seed=seed, video_offset=video_offset, **extra)
         if progress:
             from tqdm import tqdm
 

@@ -87,6 +87,7 @@ from tokentrim.rollout.common import (
 )
 from tokentrim.rollout.graphs import GraphRunner
 from tokentrim.rollout.positions import PositionRebaser
+from tokentrim.rollout.prompts import PromptSchedule, check_prompts, reset_trim_statistics
 
 
 @dataclass
@@ -181,7 +182,8 @@ class RollingForcingRollout(RolloutBase):
     name = "rolling-forcing"
 
     def iter_blocks(self, text, num_blocks: int, height: int, width: int, seed: int = 0,
-                    video_offset: int = 0) -> Iterator[BlockOutput]:
+                    video_offset: int = 0, prompts=None, recache: bool = False,
+                    reset_trim: bool = True) -> Iterator[BlockOutput]:
         """Yield each block when it finishes (window ``b + S - 1``): ``BlockOutput(index, latents
         [B, block_frames, C, H, W] f32 on the model's device, record)``; the record's ``windows``
         lists the window forwards since the previous block (start-up windows go to block 0)."""
@@ -190,7 +192,12 @@ class RollingForcingRollout(RolloutBase):
         check_int("video_offset", video_offset, 0)
         cfg, facts = self.config, self.facts
         tpf = facts.tokens_per_frame(height, width)
+        switches = check_prompts(prompts, num_blocks)
+        if recache:
+            raise ValueError("recache=True (KV re-cache at a prompt switch) is supported by Self Forcing only")
         ctx, batch = prepare_text(self.model, text)
+        schedule = PromptSchedule(self.model, ctx, batch, switches)
+        ctx = schedule.ctx
         from tokentrim.cache import KVCache
 
         S, bf = len(self.timesteps), cfg.block_frames
@@ -214,10 +221,15 @@ class RollingForcingRollout(RolloutBase):
         state: dict[int, torch.Tensor] = {}  # block -> its current noisy latents (f32)
         prev = None
         pending: list[dict] = []
+        switched: list[int] = []
         forwards = 0
         with torch.no_grad():
             for w in range(num_blocks + S - 1):
                 first, last = max(0, w - S + 1), min(num_blocks - 1, w)
+                if w < num_blocks and schedule.switch_at(w):  # the switch block enters the window
+                    switched.append(w)
+                    if reset_trim:
+                        reset_trim_statistics(self.hook)
                 if w < num_blocks:
                     noise[w] = block_noise(seed, w, S, shape, facts.device, video_offset=video_offset)
                     state[w] = noise[w][0]
@@ -258,8 +270,9 @@ class RollingForcingRollout(RolloutBase):
                         forwards += 1
                     self.hook.after_block(self.cache, self.refresh_cache)
                 rec = self.recorder.finish_block(finishing, finishing * bf, bf, forwards, trim_record, passes,
-                                                 extra={"windows": pending})
-                pending, forwards = [], 0
+                                                 extra={"windows": pending, "prompt_switches": switched} if switched
+                                                 else {"windows": pending})
+                pending, forwards, switched = [], 0, []
                 prev = done
                 yield BlockOutput(finishing, done, rec)
 

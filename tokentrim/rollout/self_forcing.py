@@ -58,6 +58,7 @@ from tokentrim.rollout.common import (
 )
 from tokentrim.rollout.graphs import GraphRunner
 from tokentrim.rollout.positions import PositionRebaser
+from tokentrim.rollout.prompts import PromptSchedule, check_prompts, recache_recent, reset_trim_statistics
 
 
 @dataclass
@@ -121,14 +122,21 @@ class SelfForcingRollout(RolloutBase):
     name = "self-forcing"
 
     def iter_blocks(self, text, num_blocks: int, height: int, width: int, seed: int = 0,
-                    video_offset: int = 0) -> Iterator[BlockOutput]:
+                    video_offset: int = 0, prompts=None, recache: bool = False,
+                    reset_trim: bool = True) -> Iterator[BlockOutput]:
         """Yield each block as soon as it is accepted: ``BlockOutput(index, latents [B, block_frames, C,
         H, W] f32 on the model's device, record)``. Same arguments as ``run``."""
         check_int("num_blocks", num_blocks, 1)
         check_int("seed", seed, 0)
         check_int("video_offset", video_offset, 0)
+        switches = check_prompts(prompts, num_blocks)
+        if recache and self.config.compact_after_prune:
+            raise ValueError("recache=True rewrites cached blocks in place: it cannot be combined with "
+                             "SelfForcingConfig.compact_after_prune=True")
         tpf = self.facts.tokens_per_frame(height, width)
         ctx, batch = prepare_text(self.model, text)
+        schedule = PromptSchedule(self.model, ctx, batch, switches)
+        ctx = schedule.ctx
         cfg, facts = self.config, self.facts
         self.cache = self._make_cache(batch, tpf, num_blocks)
         self.positions = PositionRebaser(self.model, [self.cache], self.position_limit)
@@ -139,16 +147,37 @@ class SelfForcingRollout(RolloutBase):
         self._seed = seed
         self._video_offset = video_offset
         prev = None
+        kept_x0: dict[int, torch.Tensor] = {}  # clean latents of the committed blocks (recache only)
         with torch.no_grad():
             for b in range(num_blocks):
                 self.recorder.start_block()
+                extra, forwards = None, 0
                 with nvtx_range("block", index=b):
-                    x0, trim_record, passes, forwards = self._block(b, prev)
+                    if schedule.switch_at(b):
+                        extra = {"prompt_switch": True, "recached": []}
+                        if reset_trim:
+                            reset_trim_statistics(self.hook)
+                        if recache:
+                            bf = cfg.block_frames
+                            self.cache.prepare(bf)
+                            recent = self.cache.frames[self.cache.sink_frames:]
+                            if recent:
+                                self.positions.ensure(recent[0], (b + 1) * bf)
+                            extra["recached"] = recache_recent(self, kept_x0, bf)
+                            forwards += len(extra["recached"])
+                    x0, trim_record, passes, n = self._block(b, prev)
+                    forwards += n
                     if b < num_blocks - 1 or cfg.refresh_last_block:
                         self._refresh(x0, b)
                         forwards += 1
                     self.hook.after_block(self.cache)
-                rec = self.recorder.finish_block(b, b * cfg.block_frames, cfg.block_frames, forwards, trim_record, passes)
+                    if recache and schedule.switches:
+                        kept_x0[b] = x0
+                        live = {f // cfg.block_frames for f in self.cache.frames}
+                        for old in [k for k in kept_x0 if k not in live and k != b]:
+                            del kept_x0[old]
+                rec = self.recorder.finish_block(b, b * cfg.block_frames, cfg.block_frames, forwards, trim_record,
+                                                 passes, extra=extra)
                 prev = x0
                 yield BlockOutput(b, x0, rec)
 
