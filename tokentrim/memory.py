@@ -124,7 +124,7 @@ def _elem(dtype: torch.dtype) -> int:
 
 def _transformer_bytes(config, dtype: torch.dtype) -> int:
     """Parameter + buffer bytes of a WanModel of ``config`` in ``dtype`` (counted on the meta device)."""
-    from tokentrim.model import WanModel
+    from tokentrim.model.wan import WanModel  # the class itself (callers may patch tokentrim.model)
 
     model = WanModel(config, dtype=dtype, device="meta")
     n = sum(p.numel() * p.element_size() for p in model.parameters())
