@@ -180,7 +180,8 @@ def test_rollout_refuses_a_second_run_to_the_same_out(tmp_path, capsys):
     from tokentrim.safeio import OutputLock
 
     out = tmp_path / "run"
-    with OutputLock(out), pytest.raises(SystemExit) as e:
+    out.mkdir()
+    with OutputLock(out / "latents.pt"), pytest.raises(SystemExit) as e:
         cli.main(["rollout", "--out", str(out), *SMALL])
     assert e.value.code == 2 and "another tokentrim run is writing" in capsys.readouterr().err
     assert cli.main(["rollout", "--blocks", "1", "--out", str(out), *SMALL]) == 0  # released
@@ -293,3 +294,9 @@ def test_rollout_ctrl_c_while_building_the_model_exits_130(tmp_path, monkeypatch
     assert cli.main(["rollout", "--out", str(out), *SMALL]) == cli.EXIT_INTERRUPTED
     assert "interrupted before any block finished" in capsys.readouterr().err
     assert list(out.iterdir()) == []
+
+
+def test_rollout_out_dot(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["rollout", "--blocks", "1", "--out", ".", *SMALL]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latents.pt", "telemetry.json", "telemetry.png"]

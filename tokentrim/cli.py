@@ -284,7 +284,7 @@ def run_rollout(args) -> int:
     device, dtype, preset, trim = _resolve(args, parser)
     if _memory_check(args, parser, device, dtype, preset):
         return 0  # --dry-run
-    lock = OutputLock(args.out)
+    lock = OutputLock(os.path.join(args.out, "latents.pt"))  # --out exists now (checked in _resolve)
     try:
         lock.acquire()
     except ValueError as e:

@@ -169,8 +169,8 @@ class OutputLock:
     """
 
     def __init__(self, path: str | os.PathLike):
-        p = Path(path)
-        self.path = p
+        p = Path(os.path.abspath(path))  # "." and "out/" have a usable name once absolute
+        self.path = Path(path)
         self.lock_path = p.with_name(f".{p.name}.lock")
         self._fd: int | None = None
 
