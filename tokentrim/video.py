@@ -396,7 +396,9 @@ class Mp4Writer:
             stream.height, stream.width = self.size
             stream.pix_fmt = "yuv420p"
             if codec == "libx264":
-                stream.options = {"crf": str(self.crf), "preset": "medium"}
+                # one encoder thread: x264's threaded output differed between two runs on the same
+                # frames (seen on CPU), and the same seed must give the same file
+                stream.options = {"crf": str(self.crf), "preset": "medium", "threads": "1"}
             for f in frames:
                 container.mux(stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
             container.mux(stream.encode())
