@@ -47,7 +47,7 @@ def _job(preset, pipeline, h, w, blocks, batch):
 
 @pytest.mark.skipif(not os.access(_PROC, os.W_OK), reason="needs Linux /proc/self/clear_refs to reset the peak RSS")
 @pytest.mark.parametrize("preset, pipeline, h, w, blocks, batch", [
-    ("tiny", "self-forcing", 8, 8, 10, 2),  # past the 21-frame cache: eviction
+    ("tiny", "self-forcing", 16, 16, 10, 2),  # past the 21-frame cache: eviction
     ("tiny", "rolling-forcing", 8, 8, 12, 1),
     ("small", "self-forcing", 8, 8, 9, 1),
     ("small", "rolling-forcing", 8, 8, 8, 1),
@@ -57,10 +57,14 @@ def test_estimate_is_within_20_percent_of_the_measured_cpu_peak(preset, pipeline
     torch.set_num_threads(1)
     try:
         _job(preset, pipeline, h, w, blocks, batch)  # warm-up: lazy initialisation, allocator arenas
-        _reset_peak()
-        rss0, _ = _rss()
-        _job(preset, pipeline, h, w, blocks, batch)  # model build + rollout, as the CLI does
-        measured = _rss()[1] - rss0
+        # the RSS peak of one run moves by ~10% at these few-MB sizes (allocator reuse; CI saw 7.0
+        # and this machine 7.5-7.7 MB for the same 8x8 job): take the larger of two measurements
+        measured = 0
+        for _ in range(2):
+            _reset_peak()
+            rss0, _ = _rss()
+            _job(preset, pipeline, h, w, blocks, batch)  # model build + rollout, as the CLI does
+            measured = max(measured, _rss()[1] - rss0)
     finally:
         torch.set_num_threads(n)
     est = memory.estimate_rollout(preset, pipeline=pipeline, batch=batch, height=h, width=w, num_blocks=blocks,
