@@ -14,17 +14,30 @@ from hypothesis import strategies as st
 import tokentrim.config as config_mod
 from tokentrim.config import FIELD_HELP, TokenTrimConfig
 
-DESIGN_DEFAULTS = {
+DESIGN_DEFAULTS = {  # DESIGN.md's controller table = the paper (REFERENCE.md section 1)
     "enabled": True, "ratio": 0.1, "lam": 2.0, "warmup": 2, "stats": "cumulative", "ema_decay": 0.9,
-    "detect_step": -1, "max_regenerations": 1, "scope": "previous", "persist": True, "same_noise": True,
-    "patch": (2, 2), "force": "auto", "min_sigma_ratio": 0.05,
+    "detect_step": 0, "max_regenerations": 1, "scope": "recent", "persist": True, "same_noise": True,
+    "patch": (2, 2), "force": "auto", "min_sigma_ratio": 0.0,
 }
+# tokentrim's behaviour before the paper defaults: final-x0 candidate, sigma floor, previous block only
+ROBUST = {**DESIGN_DEFAULTS, "detect_step": -1, "scope": "previous", "min_sigma_ratio": 0.05}
 
 
 def test_defaults_match_design_table():
     cfg = TokenTrimConfig()
     assert dataclasses.asdict(cfg) == DESIGN_DEFAULTS
     assert set(FIELD_HELP) == {f.name for f in dataclasses.fields(TokenTrimConfig)}
+
+
+def test_presets():
+    assert TokenTrimConfig.preset() == TokenTrimConfig.preset("paper") == TokenTrimConfig()
+    assert dataclasses.asdict(TokenTrimConfig.preset("robust")) == ROBUST
+    assert TokenTrimConfig.preset("robust", lam=3.0) == TokenTrimConfig(**{**ROBUST, "lam": 3.0})
+    assert tuple(config_mod.PRESETS) == ("paper", "robust")
+    with pytest.raises(ValueError, match=r"unknown TokenTrimConfig preset 'fast'; expected one of \('paper', 'robust'\)"):
+        TokenTrimConfig.preset("fast")
+    with pytest.raises(ValueError, match="TokenTrimConfig.ratio"):
+        TokenTrimConfig.preset("robust", ratio=2.0)
 
 
 BAD_VALUES = [
@@ -60,7 +73,7 @@ def test_every_field_has_a_bad_value_tested():
     assert {n for n, _, _ in BAD_VALUES} == {f.name for f in dataclasses.fields(TokenTrimConfig)}
 
 
-@pytest.mark.parametrize("name,allowed", [("stats", "('cumulative', 'ema')"), ("scope", "('previous', 'all')"),
+@pytest.mark.parametrize("name,allowed", [("stats", "('cumulative', 'ema')"), ("scope", "('recent', 'previous', 'all')"),
                                           ("force", "('auto', 'never', 'always')")])
 def test_enum_error_lists_allowed_values(name, allowed):
     with pytest.raises(ValueError, match=re.escape(f"must be one of {allowed}, got 'bogus'")):
@@ -160,6 +173,20 @@ def test_cli_help_text_from_field_table():
     for f in dataclasses.fields(TokenTrimConfig):
         dest = "trim" if f.name == "enabled" else "trim_" + f.name
         assert helps[dest].startswith(FIELD_HELP[f.name])
+
+
+def test_cli_preset_and_overrides():
+    parse = _parser().parse_args
+    assert TokenTrimConfig.from_cli_args(parse(["--trim-preset", "robust"])) == TokenTrimConfig.preset("robust")
+    # a flag given on top of a preset wins; flags left out keep the preset's value
+    cfg = TokenTrimConfig.from_cli_args(parse(["--trim-preset", "robust", "--trim-detect-step", "0", "--trim-lam", "3"]))
+    assert cfg == TokenTrimConfig.preset("robust", detect_step=0, lam=3.0)
+    assert TokenTrimConfig.from_cli_args(parse(["--trim-min-sigma-ratio", "0.05"])) == TokenTrimConfig(min_sigma_ratio=0.05)
+    assert TokenTrimConfig.from_cli_args(parse(["--trim-preset", "robust", "--no-trim-persist"])).persist is False
+    with pytest.raises(SystemExit):
+        parse(["--trim-preset", "fast"])
+    helps = {a.dest: a.help for a in _parser()._actions}
+    assert "paper 0, robust -1" in helps["trim_detect_step"] and "(default: 2.0)" in helps["trim_lam"]
 
 
 def test_cli_custom_prefix_and_missing_args():

@@ -218,7 +218,7 @@ class SmoothVideo:
     block's first attempt (its first 4 denoising forwards)."""
 
     def __init__(self, model, h, w, corrupt=None):
-        self.model, self.corrupt, self.calls = model, corrupt, {}
+        self.model, self.corrupt = model, corrupt
         yy, xx = torch.meshgrid(torch.arange(h).float(), torch.arange(w).float(), indexing="ij")
         self.grid = (yy, xx)
         self.forward_cached_orig = model.forward_cached
@@ -237,23 +237,25 @@ class SmoothVideo:
         sigma = (t.float() / 1000).view(*t.shape, 1, 1, 1)
         tgt = self.target(list(range(fs, fs + x.shape[1])))[None]
         out = 0.05 * out + (x.float() - tgt) / sigma
-        n = self.calls[fs] = self.calls.get(fs, 0) + 1
-        if self.corrupt is not None and fs == 3 * self.corrupt[0] and n <= 4:
+        if self.corrupt is not None and fs == 3 * self.corrupt[0]:
+            # the corruption stands for drift coming from the cached context: a video whose cache
+            # has a masked (pruned) token no longer gets it
+            unpruned = cache.valid_mask().sum(dim=1) == cache.length
             _, positions, amount = self.corrupt
             wt = x.shape[-1] // 2
             for p in positions:
                 r, c = divmod(p, wt)
-                out[:, :, :, 2 * r:2 * r + 2, 2 * c:2 * c + 2] -= amount / sigma
+                out[unpruned, :, :, 2 * r:2 * r + 2, 2 * c:2 * c + 2] -= amount / sigma[unpruned]
         return out
 
 
-def _smooth_run(model, text, corrupt, seed, compact=False):
+def _smooth_run(model, text, corrupt, seed, compact=False, preset="paper"):
     """compact=False keeps pruned tokens masked in place (to inspect the masks); None = the default
     (compaction, since the masks persist)."""
     wrapper = SmoothVideo(model, 8, 8, corrupt)
     model.forward_cached = wrapper
     try:
-        r = SelfForcingRollout(model, SelfForcingConfig(compact_after_prune=compact), trim=TokenTrimConfig())
+        r = SelfForcingRollout(model, SelfForcingConfig(compact_after_prune=compact), trim=TokenTrimConfig.preset(preset))
         res = r.run(text, 7, 8, 8, seed=seed)
     finally:
         del model.forward_cached
@@ -270,9 +272,10 @@ def test_smooth_run_is_never_pruned(model, text, seed):
     assert all(not any(rec["detected"]) for rec in res.records[1:])
 
 
-def test_corrupted_block_is_flagged_masked_and_regenerated_once(model, text, tmp_path):
+@pytest.mark.parametrize("preset", ["paper", "robust"])
+def test_corrupted_block_is_flagged_masked_and_regenerated_once(model, text, tmp_path, preset):
     positions = [5, 10]  # 8x8 latents: 16 tokens per frame, k = round(0.1 * 16) = 2
-    r, res = _smooth_run(model, text, (5, positions, 6.0), seed=0)
+    r, res = _smooth_run(model, text, (5, positions, 6.0), seed=0, preset=preset)
     recs = res.records
     for rec in recs:
         if rec["block"] != 5:
@@ -280,16 +283,24 @@ def test_corrupted_block_is_flagged_masked_and_regenerated_once(model, text, tmp
     bad = recs[5]
     assert bad["prune"] == [True, True] and bad["detected"] == [True, True]
     assert bad["regenerations"] == [1, 1] and bad["num_regenerations"] == 1 and bad["regenerated"] == [True, True]
-    assert bad["forwards"] == 4 + 4 + 1
+    # paper: detection after the first step, so the flagged attempt costs one forward (1 + 4 + refresh);
+    # robust: the candidate is the final x0, the flagged attempt costs the whole block (4 + 4 + refresh)
+    extra = 1 if preset == "paper" else 4
+    assert bad["forwards"] == extra + 4 + 1 and bad["trim_forwards"] == extra
+    assert all(rec["trim_forwards"] == 0 for rec in recs[1:] if rec["block"] != 5)
     assert all(sorted(ix) == positions for ix in bad["unstable_idx"])
     assert all(f < s for f, s in zip(bad["final_severity"], bad["severity"]))  # the regenerated block is clean
-    # the flagged positions of the previous block (frames 12..14) are masked, in every layer's keys
+    # paper: the flagged positions of every cached non-sink frame (3..14) are masked, the sink (block 0)
+    # untouched; robust: only the previous block's frames (12..14); in every layer's keys
+    lo = 3 if preset == "paper" else 12
+    assert bad["masked_frames"] == list(range(lo, 15))
+    assert bad["masked_tokens"] == [2 * (15 - lo)] * 2
     cache = r.cache
     for v in range(2):
         L = int(cache.length[v])
         masked = ~cache.keep[v, :L]
         tf, tp = cache.token_frame[v, :L], cache.token_pos[v, :L]
-        want = ((tf >= 12) & (tf <= 14)) & ((tp == 5) | (tp == 10))
+        want = ((tf >= lo) & (tf <= 14)) & ((tp == 5) | (tp == 10))
         assert torch.equal(masked, want)
     # the regenerated block is close to the clean (uncorrupted) one, the corrupted attempt was not kept
     _, clean = _smooth_run(model, text, None, seed=0)
@@ -313,7 +324,7 @@ def test_persistent_masks_are_compacted_by_default(model, text):
     assert [rec["prune"] for rec in compacted.records] == [rec["prune"] for rec in masked.records]
     cm, cc = r_mask.cache, r_comp.cache
     pruned = (~cm.keep & (cm._ar[None, :] < cm.length[:, None])).sum(dim=1)
-    assert pruned.tolist() == [6, 6]  # 2 positions x 3 frames per video
+    assert pruned.tolist() == [24, 24]  # 2 positions x 12 cached non-sink frames per video (scope "recent")
     assert torch.equal(cc.length, cm.length - pruned.to(torch.int32))
     assert bool(cc.keep[:, : int(cc.length.min())].all())
     torch.testing.assert_close(compacted.latents, masked.latents, rtol=1e-4, atol=1e-4)
@@ -325,8 +336,8 @@ def test_persistent_masks_are_compacted_by_default(model, text):
         RollingForcingConfig(compact_after_prune=1)
 
 
-def test_rolling_forcing_trim_regenerates(model, text):
-    trim = TokenTrimConfig(force="always", warmup=1)
+def test_rolling_forcing_trim_regenerates_robust(model, text):
+    trim = TokenTrimConfig.preset("robust", force="always", warmup=1)
     r = RollingForcingRollout(model, RollingForcingConfig(compact_after_prune=False), trim=trim)
     res = r.run(text, 4, 4, 6, seed=0)
     plain = RollingForcingRollout(model, RollingForcingConfig()).run(text, 4, 4, 6, seed=0)
@@ -336,6 +347,8 @@ def test_rolling_forcing_trim_regenerates(model, text):
     assert res.records[1]["warming_up"] == [True, True]
     assert res.records[3]["prune"] == [True, True] and res.records[3]["regenerations"] == [1, 1]
     assert [rec["forwards"] for rec in res.records] == [5 + 1, 1 + 1, 2 + 1, 1 + 1]
+    assert [rec["trim_forwards"] for rec in res.records[1:]] == [0, 1, 1]
+    assert res.records[2]["masked_frames"] == [3, 4, 5]
     assert torch.equal(res.latents[:, :6], plain.latents[:, :6])
     assert not torch.equal(res.latents[:, 6:], plain.latents[:, 6:])
     assert (~r.cache.keep[:, : int(r.cache.length.min())]).sum() > 0
@@ -343,6 +356,52 @@ def test_rolling_forcing_trim_regenerates(model, text):
     for v in range(2):
         ma, mw = _masked_tokens(r.refresh_cache, v), _masked_tokens(r.cache, v)
         assert ma == mw and len(ma) > 0 and all(f >= 3 for f, _ in ma)
+
+
+def test_rolling_forcing_trim_paper_judges_first_level(model, text):
+    """Paper preset: block b is judged at its first noise level (window b) against block b-1's x0 at that
+    level; the recent context (every cached non-sink frame, window and refresh caches) is masked."""
+    n = 8
+    trim = TokenTrimConfig(force="always", warmup=1)
+    r = RollingForcingRollout(model, RollingForcingConfig(), trim=trim)
+    seen = []
+    orig = r._judge
+
+    def spy(x, t, fs, x0, prev, b, k):
+        seen.append((b, k, list(r.cache.frames), list(r.refresh_cache.frames)))
+        return orig(x, t, fs, x0, prev, b, k)
+
+    r._judge = spy
+    res = r.run(text, n, 4, 6, seed=0)
+    plain = RollingForcingRollout(model, RollingForcingConfig()).run(text, n, 4, 6, seed=0)
+    # judged in window b, where block b is the newest (k = index in the window)
+    assert [(b, k) for b, k, _, _ in seen] == [(b, min(b, 4)) for b in range(1, n)]
+    recs = res.records
+    assert recs[0]["severity"] is None and recs[1]["warming_up"] == [True, True]
+    # blocks 2..5: nothing but the sink is cached in their window (block 1 finishes in window 5):
+    # decided and recorded, nothing masked, nothing regenerated
+    for b in range(2, 6):
+        assert recs[b]["prune"] == [True, True] and recs[b]["regenerations"] == [0, 0], b
+        assert recs[b]["masked_frames"] == [] and recs[b]["masked_tokens"] == [0, 0] and recs[b]["trim_forwards"] == 0
+    # block 6 (window 6): blocks 1 cached besides the sink; block 7 (window 7): blocks 1..2 in the refresh cache
+    assert recs[6]["masked_frames"] == [3, 4, 5] and recs[6]["trim_forwards"] == 1
+    assert recs[7]["masked_frames"] == [3, 4, 5, 6, 7, 8] and recs[7]["regenerations"] == [1, 1]
+    assert recs[6]["masked_tokens"] == [3 * recs[6]["k"]] * 2
+    for v in range(2):  # newly masked only: frames 6..8 at block 7's positions, 3..5 where they are new
+        new = set(recs[7]["unstable_idx"][v]) - set(recs[6]["unstable_idx"][v])
+        assert recs[7]["masked_tokens"][v] == 3 * recs[7]["k"] + 3 * len(new)
+    # the extra forward of window 6 is counted with the windows of the block emitted then (block 2)
+    assert sum(rec["forwards"] for rec in recs) == res.timings["forwards"] == (n + 4) + (n - 1) + 2
+    # the sink is never masked; the refresh cache has the same masks on the frames both hold
+    for v in range(2):
+        mw, ma = _masked_tokens(r.cache, v), _masked_tokens(r.refresh_cache, v)
+        assert mw and all(f >= 3 for f, _ in mw) and all(f >= 3 for f, _ in ma)
+        both = set(r.cache.frames) & set(r.refresh_cache.frames)
+        assert {m for m in ma if m[0] in both} == mw
+        assert r.cache.keep[v, : 3 * r.cache.tokens_per_frame].all()
+    # blocks finished before window 6 are untouched: blocks 0 and 1 finish in windows 4 and 5
+    assert torch.equal(res.latents[:, :6], plain.latents[:, :6])
+    assert not torch.equal(res.latents[:, 6:], plain.latents[:, 6:])
 
 
 def test_bad_arguments(model, text):

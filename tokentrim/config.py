@@ -8,6 +8,15 @@ rollout and generate commands expose the same settings with the same help text::
     parser = argparse.ArgumentParser()
     TokenTrimConfig.add_cli_arguments(parser)       # --trim/--no-trim, --trim-ratio, ...
     cfg = TokenTrimConfig.from_cli_args(parser.parse_args())
+
+Named presets (``TokenTrimConfig.preset(name)``, ``--trim-preset`` on the command line):
+
+- ``"paper"`` (the defaults): what the paper's text states (REFERENCE.md section 1): candidate = the
+  x0 of the FIRST denoising step, compared with the previous accepted block's x0 at that same
+  step; the plain rule mu + lam*sigma; the S_t positions masked in every cached non-sink frame.
+- ``"robust"``: tokentrim's behaviour before the paper defaults: candidate = the final x0
+  (compared with the previous block's final x0), sigma floored at 5% of mu, only the previous
+  block's frames masked.
 """
 
 from __future__ import annotations
@@ -20,8 +29,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 STATS_MODES = ("cumulative", "ema")
-SCOPES = ("previous", "all")
+SCOPES = ("recent", "previous", "all")  # "all": the older name of "recent"
 FORCE_MODES = ("auto", "never", "always")
+
+# Named presets: field values over the dataclass defaults (which are "paper").
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {},
+    "robust": {"detect_step": -1, "scope": "previous", "min_sigma_ratio": 0.05},
+}
 
 # One help line per field: used for the CLI flags and kept next to the defaults table of DESIGN.md.
 FIELD_HELP: dict[str, str] = {
@@ -31,9 +46,11 @@ FIELD_HELP: dict[str, str] = {
     "warmup": "accepted blocks per video recorded into the statistics before any decision",
     "stats": "running statistics of accepted severities: cumulative (Welford) or ema",
     "ema_decay": "weight of the past in the ema statistics (0 < decay < 1)",
-    "detect_step": "denoising step whose x0 prediction is the candidate (-1 = final, 0 = first)",
+    "detect_step": "denoising step whose x0 prediction is the candidate, compared with the previous accepted "
+                   "block's x0 at the same step (0 = first, the paper; -1 = final)",
     "max_regenerations": "regenerations per block; the last regenerated batch is accepted",
-    "scope": "cached frames masked on prune: the previous block, or all non-sink frames",
+    "scope": "cached frames masked on prune: recent = every cached non-sink frame (the paper), previous = "
+             "the previous block only (all = recent)",
     "persist": "pruned cache entries stay pruned for later blocks",
     "same_noise": "a regeneration reuses the block's noise (only the cache changes)",
     "patch": "token patch (ph, pw) of the drift summary: the model's spatial patch size",
@@ -59,17 +76,23 @@ def _is_real(x) -> bool:
 
 @dataclass
 class TokenTrimConfig:
-    """TokenTrim settings (REFERENCE.md section 1; defaults from DESIGN.md where the paper is silent).
+    """TokenTrim settings (REFERENCE.md section 1; defaults = the ``"paper"`` preset, DESIGN.md's table).
 
     ``enabled``, ``detect_step``, ``max_regenerations``, ``scope``, ``persist`` and ``same_noise``
     are read by the rollout; ``ratio``, ``lam``, ``warmup``, ``stats``, ``ema_decay``, ``patch``,
     ``force`` and ``min_sigma_ratio`` by ``TokenTrimController``.
 
-    ``min_sigma_ratio`` (added; not in DESIGN.md or the paper): the threshold is
-    mu + lam * max(sigma, min_sigma_ratio * |mu|). 0 is the paper's rule mu + lam * sigma. With
-    warmup=2, sigma comes from very few blocks and the plain rule pruned at least once in 26 of 40
-    seeds of a smooth synthetic sequence (8% of decided blocks, every one a needless
-    regeneration); the default 0.05 floor gave 0 of 40 and still catches corrupted blocks.
+    ``min_sigma_ratio`` (not in the paper): the threshold is mu + lam * max(sigma, min_sigma_ratio *
+    |mu|). 0 (default) is the paper's rule mu + lam * sigma. With warmup=2, sigma comes from very
+    few blocks and the plain rule pruned at least once in 26 of 40 seeds of a smooth synthetic
+    sequence (8% of decided blocks, every one a needless regeneration); the ``"robust"`` preset's
+    0.05 floor gave 0 of 40 and still catches corrupted blocks (``bench/bench_detect.py``
+    measures both presets).
+
+    ``detect_step``: the candidate is the x0 prediction of that denoising step (Self Forcing) or
+    noise level (Rolling Forcing), and the previous accepted block's summary is taken at the same
+    step, so like is compared with like; -1 (the final x0 of both blocks) is the final-x0
+    comparison. With 0 a flagged block costs one forward before its regeneration, not a block.
 
     Invalid values raise ``ValueError`` (range, unknown choice) or ``TypeError`` (wrong type)
     naming the field, the allowed values and the value given, at construction and on assignment
@@ -84,14 +107,14 @@ class TokenTrimConfig:
     warmup: int = 2
     stats: str = "cumulative"
     ema_decay: float = 0.9
-    detect_step: int = -1
+    detect_step: int = 0
     max_regenerations: int = 1
-    scope: str = "previous"
+    scope: str = "recent"
     persist: bool = True
     same_noise: bool = True
     patch: tuple[int, int] = field(default=(2, 2))
     force: str = "auto"
-    min_sigma_ratio: float = 0.05
+    min_sigma_ratio: float = 0.0
 
     def __setattr__(self, name: str, value: Any) -> None:
         if self.__dict__.get("_validated"):  # after __init__: check through a validated copy
@@ -140,6 +163,15 @@ class TokenTrimConfig:
             raise ValueError(f"TokenTrimConfig.patch must be a pair of positive ints (ph, pw), got {patch!r}")
         self.patch = (int(patch[0]), int(patch[1]))
 
+    # ------------------------------------------------------------------------------------ presets
+    @classmethod
+    def preset(cls, name: str = "paper", **overrides) -> TokenTrimConfig:
+        """The named preset (``PRESETS``: "paper" = the defaults, "robust" = final-x0 candidate, sigma
+        floor 0.05, previous-block scope), with ``overrides`` (field=value) applied on top."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown TokenTrimConfig preset {name!r}; expected one of {tuple(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
     # ------------------------------------------------------------------------------------ helpers
     def k_for(self, num_tokens: int) -> int:
         """Size of the unstable set for ``num_tokens`` tokens per frame: max(1, round(ratio*N)).
@@ -185,40 +217,57 @@ class TokenTrimConfig:
     # ---------------------------------------------------------------------------------------- CLI
     @classmethod
     def add_cli_arguments(cls, parser: argparse.ArgumentParser, prefix: str = "trim") -> argparse._ArgumentGroup:
-        """Add one flag per field to ``parser`` (in an argument group) and return the group.
+        """Add ``--{prefix}-preset`` and one flag per field to ``parser`` (in an argument group); returns the group.
 
-        Flags: ``--trim/--no-trim`` (enabled), ``--{prefix}-ratio``, ..., booleans as
-        ``--{prefix}-persist/--no-{prefix}-persist``, enums with ``choices``, ``--{prefix}-patch PH PW``.
-        Defaults are the dataclass defaults, so ``from_cli_args`` always gets a complete config.
+        Flags: ``--{prefix}-preset {paper,robust}``, ``--trim/--no-trim`` (enabled),
+        ``--{prefix}-ratio``, ..., booleans as ``--{prefix}-persist/--no-{prefix}-persist``, enums with
+        ``choices``, ``--{prefix}-patch PH PW``. A field whose value differs between presets has the
+        argparse default None (= not given: ``from_cli_args`` takes the preset's value); the others
+        have their common value as the default, so ``args.trim`` etc. stay plain values.
         """
         group = parser.add_argument_group("TokenTrim", "drift detection and KV-cache pruning")
-        defaults = cls()
+        group.add_argument(f"--{prefix}-preset", choices=tuple(PRESETS), default="paper",
+                           help=f"named TokenTrim settings the other --{prefix}-* flags override: paper = the "
+                                "paper's rule (first-step candidate, no sigma floor, recent-context scope), robust = "
+                                "final-x0 candidate, sigma floor 0.05, previous-block scope (default: paper)")
+        presets = {name: cls.preset(name) for name in PRESETS}
         for f in dataclasses.fields(cls):
             flag = "--" + _flag(f.name, prefix)
-            default = getattr(defaults, f.name)
-            help_text = f"{FIELD_HELP[f.name]} (default: {default})"
+            values = {name: getattr(p, f.name) for name, p in presets.items()}
+            default = values["paper"]
+            shown = {name: list(v) if isinstance(v, tuple) else v for name, v in values.items()}
+            if len({repr(v) for v in shown.values()}) == 1:
+                help_text = f"{FIELD_HELP[f.name]} (default: {shown['paper']})"
+                arg_default = list(default) if f.name == "patch" else default  # same in every preset
+            else:
+                help_text = f"{FIELD_HELP[f.name]} (default: the preset's: " + ", ".join(
+                    f"{name} {v}" for name, v in shown.items()) + ")"
+                arg_default = None  # None = not given: from_cli_args takes the preset's value
             if f.name == "patch":
-                group.add_argument(flag, type=int, nargs=2, metavar=("PH", "PW"), default=list(default), help=help_text)
+                group.add_argument(flag, type=int, nargs=2, metavar=("PH", "PW"), default=arg_default, help=help_text)
             elif isinstance(default, bool):
-                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=arg_default, help=help_text)
             elif f.name in ("stats", "scope", "force"):
                 choices = {"stats": STATS_MODES, "scope": SCOPES, "force": FORCE_MODES}[f.name]
-                group.add_argument(flag, choices=choices, default=default, help=help_text)
+                group.add_argument(flag, choices=choices, default=arg_default, help=help_text)
             else:
-                group.add_argument(flag, type=type(default), default=default, help=help_text)
+                group.add_argument(flag, type=type(default), default=arg_default, help=help_text)
         return group
 
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace, prefix: str = "trim") -> TokenTrimConfig:
-        """Build the config from a namespace parsed with a parser set up by ``add_cli_arguments``."""
+        """Build the config from a namespace parsed with a parser set up by ``add_cli_arguments``:
+        the ``--{prefix}-preset`` preset ("paper" if absent), with every flag given on top."""
         values = {}
         for f in dataclasses.fields(cls):
             dest = _flag(f.name, prefix).replace("-", "_")
             if not hasattr(args, dest):
                 raise ValueError(f"args has no attribute {dest!r}: call TokenTrimConfig.add_cli_arguments(parser) first")
-            values[f.name] = getattr(args, dest)
-        values["patch"] = tuple(values["patch"])
-        return cls(**values)
+            if getattr(args, dest) is not None:
+                values[f.name] = getattr(args, dest)
+        if "patch" in values:
+            values["patch"] = tuple(values["patch"])
+        return cls.preset(getattr(args, f"{prefix}_preset", None) or "paper", **values)
 
 
 _FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(TokenTrimConfig))

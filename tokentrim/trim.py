@@ -5,12 +5,13 @@ Per AR block t and per video b of the batch (REFERENCE.md section 1)::
     drift, S_t, D_t = ops.drift_topk(candidate, previous_accepted, k, patch)   # k = config.k_for(N)
     prune  iff  not warming up  and  D_t > mu + lam * max(sigma, min_sigma_ratio * |mu|)
 
-(``min_sigma_ratio`` defaults to 0.05, a floor on sigma for the first, few-sample blocks;
-0 gives the paper's rule D_t > mu + lam * sigma.)
+(``min_sigma_ratio`` defaults to 0, the paper's rule D_t > mu + lam * sigma; the "robust" preset
+floors sigma at 5% of mu for the first, few-sample blocks.)
 
 The controller sees latents only; the rollout owns the model and the cache. Protocol per block::
 
-    d = ctrl.decide(cand, prev, block_index)     # needs a previous accepted block (none for block 0)
+    d = ctrl.decide(cand, prev, block_index)     # needs a previous accepted block (none for block 0);
+                                                 # cand and prev taken at the same denoising step
     if any(d.prune): mask d.unstable_idx in the cache, regenerate, measure the regenerated block
     ctrl.accept(d, final_severity=..., regenerated=...)
 

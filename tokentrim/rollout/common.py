@@ -166,6 +166,14 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _kept_tokens(cache, frames: list[int]) -> torch.Tensor:
+    """[B] int64 (device): committed, kept tokens of ``cache`` in the absolute ``frames``."""
+    inside = torch.zeros_like(cache.keep)
+    for f in frames:
+        inside |= cache.token_frame == f
+    return (cache.valid_mask() & inside).sum(dim=1)
+
+
 class TrimHook:
     """TokenTrim as the loops use it: controller, decisions and the cache masking.
 
@@ -181,6 +189,7 @@ class TrimHook:
         if compact_after_prune is None:  # default: delete pruned tokens whenever the masks persist
             compact_after_prune = bool(self.active and trim.persist)
         self.compact_after_prune = compact_after_prune
+        self.last_masked: list[int] = [0] * batch
         if self.active and compact_after_prune and not trim.persist:
             raise ValueError("compact_after_prune=True deletes pruned tokens, so it needs TokenTrimConfig.persist=True")
         self.controller = None
@@ -193,35 +202,59 @@ class TrimHook:
         with nvtx_range("detect", block=block):
             return self.controller.decide(cand, prev, block)
 
-    def prune(self, cache, decision, videos, prev_frames: list[int], mirror=None) -> int:
-        """Mask ``decision.unstable_idx[v]`` for each video in ``videos``: in ``prev_frames`` (scope
-        "previous") or every non-sink frame (scope "all"). Returns the number of videos masked.
+    def prune(self, cache, decision, videos, prev_frames: list[int], mirror=None) -> list[int]:
+        """Mask ``decision.unstable_idx[v]`` for each video in ``videos`` and return the frames masked.
+
+        Frames: scope "previous": the committed frames among ``prev_frames`` (the previous block);
+        scope "recent" (or "all"): every committed non-sink frame of the recent context. The sink
+        frames (``cache.frames[:cache.sink_frames]``) are never masked in either scope when the
+        cache keeps a raw sink (Rolling Forcing); with "recent" they are never masked at all.
 
         ``mirror``: a second cache (Rolling Forcing's refresh cache, no sink) that gets the same
-        masks on the same frames, excluding ``cache``'s sink frames, when ``cache`` was masked."""
+        masks on its committed frames of the same scope, excluding ``cache``'s sink frames.
+
+        Returns the sorted absolute frames masked in ``cache`` or ``mirror`` (empty: nothing could
+        be masked, so a regeneration would see the same cache). ``self.last_masked`` holds, per
+        video of the batch, the cache tokens (frame, position pairs) newly masked by this call.
+        Host sync: one (the masked-token counts).
+        """
+        B = cache.batch
         with nvtx_range("prune", block=decision.block_index):
-            frames = None
+            sink = set(cache.frames[: cache.sink_frames])
             if self.config.scope == "previous":
                 frames = [f for f in prev_frames if f in cache.frames]
                 if cache.raw_sink:
-                    sink = set(cache.frames[: cache.sink_frames])
                     frames = [f for f in frames if f not in sink]
-                if not frames:
-                    return 0
-            for v in videos:
-                cache.prune(v, decision.unstable_idx[v], frames=frames)
-            if mirror is not None and videos:
-                sink = set(cache.frames[: cache.sink_frames])
-                pool = prev_frames if frames is not None else mirror.frames
-                mframes = [f for f in pool if f in mirror.frames and f not in sink]
-                if mframes:
-                    for v in videos:
-                        mirror.prune(v, decision.unstable_idx[v], frames=mframes)
-            if self.compact_after_prune and videos:
+                pool = prev_frames
+            else:
+                frames = [f for f in cache.frames if f not in sink]
+                pool = None
+            mframes = []
+            if mirror is not None:
+                mframes = [f for f in (mirror.frames if pool is None else pool) if f in mirror.frames and f not in sink]
+            extra = [f for f in mframes if f not in frames]  # frames only the mirror holds
+            before = _kept_tokens(cache, frames) + (_kept_tokens(mirror, extra) if extra else 0)
+            if frames:
+                for v in videos:
+                    cache.prune(v, decision.unstable_idx[v], frames=frames)
+            if mframes:
+                for v in videos:
+                    mirror.prune(v, decision.unstable_idx[v], frames=mframes)
+            after = _kept_tokens(cache, frames) + (_kept_tokens(mirror, extra) if extra else 0)
+            self.last_masked = (before - after).tolist() if (frames or extra) else [0] * B
+            if self.compact_after_prune and videos and (frames or mframes):
                 cache.compact()
                 if mirror is not None:
                     mirror.compact()
-            return len(videos)
+            return sorted(set(frames) | set(mframes))
+
+    @staticmethod
+    def extra(trim_forwards: int, masked_frames: list[int], masked_tokens: list[int]) -> dict:
+        """Rollout fields of a block's TokenTrim record: ``trim_forwards`` (the forwards TokenTrim
+        added: aborted and regenerated passes), ``masked_frames`` (absolute cache frames masked for
+        this block) and ``masked_tokens`` (cache tokens newly masked, per video; sink never counted)."""
+        return {"trim_forwards": trim_forwards, "masked_frames": list(masked_frames),
+                "masked_tokens": list(masked_tokens)}
 
     def after_block(self, cache, mirror=None) -> None:
         """Undo the masks when they do not persist (``persist=False``)."""

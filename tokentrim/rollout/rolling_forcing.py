@@ -55,13 +55,19 @@ Upstream fidelity (TencentARC/RollingForcing ``pipeline/rolling_forcing_inferenc
   dtype); here per-block, per-video generators (``common.block_noise``) and float32 latents between windows
   (x0 and re-noising in float64), the model sees them in its own dtype.
 
-TokenTrim: each finished block (b >= 1) is the candidate, judged against the previous finished
-block. Flagged videos get the unstable positions masked in the cache (scope "previous": the
-previous finished block, unless it is the raw sink, which cannot be pruned; "all": every
-non-sink frame) and the same window forward runs again on the pruned cache (its input is the
-same, so ``same_noise`` changes nothing here; ``detect_step`` is not used: the candidate is
-always the finished x0). Flagged videos take the whole regenerated window (the finished block
-and the re-noised rest).
+TokenTrim: ``detect_step`` picks the noise level j (0 = the first denoising iteration, the paper;
+-1 = the finished x0) at which each block b >= 1 is judged: in window b + j, block b's x0 is the
+candidate and the previous block's accepted x0 at the same level j (from window b - 1 + j) is
+the summary it is compared with. Flagged videos get the unstable positions masked in the cache
+(scope "recent": every cached non-sink frame of the recent context, in the window cache and the
+refresh cache; "previous": the previous block's frames where cached, i.e. only when j is the
+last level; the raw sink is never masked) and the same window forward runs again on the pruned
+cache (one extra forward; its input is the same, so ``same_noise`` changes nothing here).
+Flagged videos take the whole regenerated window (the judged block and the rest). When nothing
+in scope is cached (start-up windows, or "previous" before the previous block finished) the
+decision is recorded but nothing is regenerated. The record of block b (emitted when b
+finishes) carries its decision, ``trim_forwards`` (the extra forwards) and what was masked;
+``forwards`` counts the forwards of the windows since the previous record.
 
 Noise: each video of block b draws S tensors from its own generator (``common.block_noise``,
 seeded by (seed, video index, block)): the initial noise and the re-noising noise of levels 1..S-1.
@@ -219,7 +225,10 @@ class RollingForcingRollout(RolloutBase):
         shape = (batch, bf, facts.channels, height, width)
         noise: dict[int, torch.Tensor] = {}  # block -> [S, B, bf, C, H, W]
         state: dict[int, torch.Tensor] = {}  # block -> its current noisy latents (f32)
-        prev = None
+        hook = self.hook
+        judge_level = self.trim.resolve_detect_step(S) if hook.active else None
+        summaries: dict[int, torch.Tensor] = {}  # block -> its accepted x0 at the judged level
+        judged: dict[int, tuple] = {}  # block -> (trim record, passes) until the block finishes
         pending: list[dict] = []
         switched: list[int] = []
         forwards = 0
@@ -252,28 +261,33 @@ class RollingForcingRollout(RolloutBase):
                            "cache_frames": attended}
                     self.windows.append(win)
                     pending.append(win)
-                    trim_record, passes = None, 0
-                    if finishing is not None and self.hook.active and prev is not None:
-                        x0, trim_record, passes, n = self._judge(x, t, fs, x0, prev, finishing)
-                        forwards += n
+                    jb = None if judge_level is None else w - judge_level  # the block judged in this window
+                    if jb is not None and first <= jb <= last:
+                        k = jb - first
+                        if jb - 1 in summaries:
+                            x0, rec_j, passes_j, n = self._judge(x, t, fs, x0, summaries.pop(jb - 1), jb, k)
+                            forwards += n
+                            judged[jb] = (rec_j, passes_j)
+                        summaries[jb] = x0[:, k * bf:(k + 1) * bf].clone()
                     for k, b in enumerate(blocks):
                         if levels[k] < S - 1:
                             j = levels[k] + 1
                             x0_b = x0[:, k * bf:(k + 1) * bf]
                             state[b] = self.schedule.renoise(x0_b, noise[b][j], self.timestep_values[j])
-                    if finishing is None:
-                        continue
-                    done = x0[:, :bf].contiguous()
-                    del state[finishing], noise[finishing]
-                    if finishing < num_blocks - 1:
-                        win["refresh_frames"] = self._refresh(done, finishing)
-                        forwards += 1
-                    self.hook.after_block(self.cache, self.refresh_cache)
+                    if finishing is not None:
+                        done = x0[:, :bf].contiguous()
+                        del state[finishing], noise[finishing]
+                        if finishing < num_blocks - 1:
+                            win["refresh_frames"] = self._refresh(done, finishing)
+                            forwards += 1
+                    hook.after_block(self.cache, self.refresh_cache)
+                if finishing is None:
+                    continue
+                trim_record, passes = judged.pop(finishing, (None, 0))
                 rec = self.recorder.finish_block(finishing, finishing * bf, bf, forwards, trim_record, passes,
                                                  extra={"windows": pending, "prompt_switches": switched} if switched
                                                  else {"windows": pending})
                 pending, forwards, switched = [], 0, []
-                prev = done
                 yield BlockOutput(finishing, done, rec)
 
     def _window_timesteps(self, levels: list[int], batch: int) -> torch.Tensor:
@@ -322,22 +336,30 @@ class RollingForcingRollout(RolloutBase):
         flow = self.runner(x.to(self.facts.dtype), t, fs)
         return self.schedule.x0_from_flow(flow, x, t)
 
-    def _judge(self, x, t, fs, x0, prev, b):
-        """TokenTrim on finished block ``b`` (the window's first): returns (x0 of the window, the
+    def _judge(self, x, t, fs, x0, prev, b, k):
+        """TokenTrim on block ``b``, the ``k``-th block of the window (at the judged level): its x0
+        is compared with ``prev``, the previous block's accepted x0 at the same level. Flagged
+        videos get the cache masked and re-run the whole window. Returns (x0 of the window, the
         accepted record, regeneration passes, extra forwards)."""
         hook, bf = self.hook, self.config.block_frames
         tcfg = hook.config
         B = x.shape[0]
-        d = first = hook.decide(x0[:, :bf], prev, b)
+        sl = slice(k * bf, (k + 1) * bf)
+        d = first = hook.decide(x0[:, sl], prev, b)
         prev_frames = list(range((b - 1) * bf, b * bf))
         final_sev = list(first.severity)
         regen = [0] * B
         passes = n = 0
         eligible = [True] * B
+        masked_frames: list[int] = []
+        masked_tokens = [0] * B
         while tcfg.max_regenerations > 0 and any(p and eligible[v] for v, p in enumerate(d.prune)):
             videos = [v for v in range(B) if d.prune[v] and eligible[v]]
-            if not hook.prune(self.cache, d, videos, prev_frames, self.refresh_cache):
-                break  # nothing maskable (the previous block is the raw sink): no regeneration
+            frames = hook.prune(self.cache, d, videos, prev_frames, self.refresh_cache)
+            if not frames:
+                break  # nothing maskable (no cached non-sink frame in scope): no regeneration
+            masked_frames = sorted(set(masked_frames) | set(frames))
+            masked_tokens = [a + m for a, m in zip(masked_tokens, hook.last_masked)]
             passes += 1
             for v in videos:
                 regen[v] += 1
@@ -347,15 +369,18 @@ class RollingForcingRollout(RolloutBase):
             x0 = x0.clone()  # per-video selection by slicing: no mask built from host data
             for v in videos:
                 x0[v] = x0_new[v]
-            d = hook.decide(x0[:, :bf], prev, b)
+            d = hook.decide(x0[:, sl], prev, b)
             for v in videos:
                 final_sev[v] = d.severity[v]
             eligible = [v in videos for v in range(B)]
             if passes >= tcfg.max_regenerations:
                 break
         if tcfg.max_regenerations == 0 and first.any_prune:
-            hook.prune(self.cache, first, [v for v in range(B) if first.prune[v]], prev_frames, self.refresh_cache)
+            masked_frames = hook.prune(self.cache, first, [v for v in range(B) if first.prune[v]], prev_frames,
+                                       self.refresh_cache)
+            masked_tokens = list(hook.last_masked)
         record = hook.controller.accept(first, final_severity=final_sev, regenerated=regen)
+        record.update(hook.extra(n, masked_frames, masked_tokens))
         return x0, record, passes, n
 
 

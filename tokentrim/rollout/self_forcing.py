@@ -9,10 +9,15 @@ Per block b of ``block_frames`` latent frames starting at absolute frame ``b * b
    * flow; if not last: x = (1 - sigma_{i+1}) x0 + sigma_{i+1} * fresh noise. The noisy block's K/V are
    written at the cache's end but not committed.
 3. TokenTrim (blocks >= 1): the x0 of step ``detect_step`` is the candidate; the controller compares
-   it with the previous accepted block. Videos it flags get the unstable token positions masked in
-   the cache (all layers), and the block is denoised again from its first step (same noise by
-   default). Only flagged videos take the regenerated result. ``accept`` feeds the statistics with
-   the severity of the block finally accepted (the regenerated candidate's, for regenerated videos).
+   it with the previous accepted block's x0 at the same step (its summary). Videos it flags get the
+   unstable token positions masked in the cached context (all layers; scope "recent": every
+   committed non-sink frame, "previous": the previous block) before the block's own K/V are
+   committed, and the block is denoised again from its first step (same noise by default). With
+   ``detect_step=0`` (the paper) a flagged block costs one extra forward, with -1 a whole block.
+   Only flagged videos take the regenerated result, accepted whatever its severity (one
+   regeneration by default). ``accept`` feeds the statistics with the severity of the block finally
+   accepted (the regenerated candidate's, for regenerated videos). The record's ``trim_forwards``
+   counts the forwards TokenTrim added, ``masked_frames`` / ``masked_tokens`` what it masked.
 4. Cache refresh: one forward of the clean x0 at timestep 0 rewrites the block's K/V, then
    ``cache.commit`` (skipped for the last block unless ``refresh_last_block``).
 5. ``persist=False``: every mask is lifted after the block.
@@ -165,7 +170,7 @@ class SelfForcingRollout(RolloutBase):
                                 self.positions.ensure(recent[0], (b + 1) * bf)
                             extra["recached"] = recache_recent(self, kept_x0, bf)
                             forwards += len(extra["recached"])
-                    x0, trim_record, passes, n = self._block(b, prev)
+                    x0, summary, trim_record, passes, n = self._block(b, prev)
                     forwards += n
                     if b < num_blocks - 1 or cfg.refresh_last_block:
                         self._refresh(x0, b)
@@ -178,7 +183,7 @@ class SelfForcingRollout(RolloutBase):
                             del kept_x0[old]
                 rec = self.recorder.finish_block(b, b * cfg.block_frames, cfg.block_frames, forwards, trim_record,
                                                  passes, extra=extra)
-                prev = x0
+                prev = summary  # the accepted block's x0 at the detect step (None with TokenTrim off)
                 yield BlockOutput(b, x0, rec)
 
     # ---------------------------------------------------------------------------------- pieces
@@ -225,18 +230,24 @@ class SelfForcingRollout(RolloutBase):
         return x0, cand, n
 
     def _block(self, b: int, prev: torch.Tensor | None):
-        """One accepted block: (x0 [B,F,C,H,W] f32, trim record or None, regeneration passes, forwards)."""
+        """One accepted block: (x0 [B,F,C,H,W] f32, its summary = the accepted x0 at the detect step
+        (None when TokenTrim is off), trim record or None, regeneration passes, forwards).
+
+        ``prev``: the previous accepted block's x0 at the detect step (None for block 0)."""
         cfg, hook = self.config, self.hook
         self.cache.prepare(cfg.block_frames)
         self.positions.ensure(b * cfg.block_frames, (b + 1) * cfg.block_frames)
         noise = self._noise(b)
-        if not hook.active or prev is None:
+        if not hook.active:
             x0, _, n = self._denoise(noise, b, None)
-            return x0, None, 0, n
-
+            return x0, None, None, 0, n
         tcfg = hook.config
         S = len(self.timesteps)
         detect = tcfg.resolve_detect_step(S)
+        if prev is None:
+            x0, cand, n = self._denoise(noise, b, detect)
+            return x0, cand, None, 0, n
+
         max_regen = tcfg.max_regenerations
         B = self._shape[0]
         prev_frames = list(range((b - 1) * cfg.block_frames, b * cfg.block_frames))
@@ -250,15 +261,20 @@ class SelfForcingRollout(RolloutBase):
 
         x0, cand, forwards = self._denoise(noise, b, detect, on_candidate)
         first = d = state["d"]
+        summary = cand  # per video: the candidate of the pass finally accepted
         # the full x0 of each video from the latest pass that finished (detect at the last step:
         # the aborted pass finished too); None when a pass aborted early
         best = x0 if x0 is not None else (cand if detect == S - 1 else None)
         final_sev = list(first.severity)
         regen = [0] * B
         passes = 0
+        masked_frames: list[int] = []
+        masked_tokens = [0] * B
         while x0 is None:  # some video flagged and a regeneration allowed
             videos = [v for v in range(B) if d.prune[v]]
-            hook.prune(self.cache, d, videos, prev_frames)
+            # the block's own K/V are not committed yet: only the cached context is masked
+            masked_frames = sorted(set(masked_frames) | set(hook.prune(self.cache, d, videos, prev_frames)))
+            masked_tokens = [a + n for a, n in zip(masked_tokens, hook.last_masked)]
             passes += 1
             for v in videos:
                 regen[v] += 1
@@ -275,6 +291,9 @@ class SelfForcingRollout(RolloutBase):
             d = state["d"]
             for v in videos:
                 final_sev[v] = d.severity[v]  # the regenerated candidate vs the previous block
+            summary = summary.clone()
+            for v in videos:
+                summary[v] = cand[v]
             full = x0 if x0 is not None else (cand if detect == S - 1 else None)
             if full is None or best is None:
                 best = full
@@ -288,9 +307,11 @@ class SelfForcingRollout(RolloutBase):
             x0 = best
         if max_regen == 0 and first.any_prune:
             # no regeneration allowed: the masks apply to later blocks only
-            hook.prune(self.cache, first, [v for v in range(B) if first.prune[v]], prev_frames)
+            masked_frames = hook.prune(self.cache, first, [v for v in range(B) if first.prune[v]], prev_frames)
+            masked_tokens = list(hook.last_masked)
         record = hook.controller.accept(first, final_severity=final_sev, regenerated=regen)
-        return x0, record, passes, forwards
+        record.update(hook.extra(forwards - S, masked_frames, masked_tokens))
+        return x0, summary, record, passes, forwards
 
     def _refresh(self, x0: torch.Tensor, b: int) -> None:
         """Timestep-0 forward of the clean block: rewrites its K/V, then commits it."""
