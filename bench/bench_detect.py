@@ -227,8 +227,10 @@ def evaluate(preset: str, kind: str | None, seeds: int, blocks: int, err: float 
                 fp += 1
             elif bad:
                 fn += 1
-    detect_cost = trim.resolve_detect_step(S) + 1 if pipeline == "self-forcing" else 1
-    plain = S * blocks + (blocks - 1)  # per video: S denoising forwards per block + refreshes
+    if pipeline == "self-forcing":  # per video: S denoising forwards per block + refreshes (not the last)
+        plain, detect_cost = S * blocks + (blocks - 1), trim.resolve_detect_step(S) + 1
+    else:  # one forward per window (blocks + S - 1 windows) + refreshes; a regeneration re-runs one window
+        plain, detect_cost = (blocks + S - 1) + (blocks - 1), 1
     trimmed = [plain + detect_cost * n for n in regen]
     return {
         "preset": preset, "kind": kind or "clean", "videos": seeds, "decided": decided, "detected": detected,

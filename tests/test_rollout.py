@@ -436,3 +436,30 @@ def test_cuda_graph_replay_equals_eager(text):
         torch.testing.assert_close(graphed.latents, eager.latents, rtol=0, atol=0)
     assert math.isfinite(float(graphed.latents.abs().max()))
     assert isinstance(GraphRunner, type)
+
+
+@pytest.mark.parametrize("preset", ["paper", "robust"])
+def test_self_forcing_detect_step_restarts_block_from_first_step(model, text, preset):
+    """Paper: the candidate is known after the first forward; a flagged block restarts from its first
+    step (1 + 4 forwards). Robust: the candidate is the final x0, a regeneration costs a whole block."""
+    r = SelfForcingRollout(model, SelfForcingConfig(), trim=TokenTrimConfig.preset(preset, force="always", warmup=1))
+    calls = []
+    orig = model.forward_cached
+
+    def spy(x, t, ctx, cache, frame_start, kv_only=False):
+        calls.append((int(frame_start), round(float(t.flatten()[0]), 1), kv_only))
+        return orig(x, t, ctx, cache, frame_start, kv_only=kv_only)
+
+    model.forward_cached = spy
+    try:
+        res = r.run(text, 3, 4, 6, seed=0)
+    finally:
+        del model.forward_cached
+    steps = [1000.0, 937.5, 833.3, 625.0]
+    assert [c[1] for c in calls if c[0] == 3] == steps + [0.0]  # block 1: warm-up, then the cache refresh
+    block2 = [c[1] for c in calls if c[0] == 6]  # the last block: no refresh
+    assert block2 == ([1000.0] if preset == "paper" else steps) + steps
+    rec = res.records[2]
+    assert rec["regenerations"] == [1, 1] and rec["forwards"] == len(block2)
+    assert rec["trim_forwards"] == (1 if preset == "paper" else 4)
+    assert [rec["trim_forwards"] for rec in res.records[1:2]] == [0]

@@ -6,6 +6,7 @@ Subcommands:
   checkpoint, random text embeddings unless given) with TokenTrim; writes ``latents.pt``
   ([B, F, C, H, W] float32), ``telemetry.json`` and ``telemetry.png`` into ``--out``.
 - ``tokentrim generate``: prompt -> mp4 (registered when ``tokentrim.generate`` is importable).
+- ``tokentrim eval``: weight-free drift metrics of mp4 videos (``tokentrim.evaluate``).
 
 ``tokentrim --version`` prints the version; ``python -m tokentrim`` is the same command.
 
@@ -137,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
         generate = None
     if generate is not None:
         generate.add_parser(sub)
+    from tokentrim import evaluate
+
+    evaluate.add_parser(sub)
     return parser
 
 
