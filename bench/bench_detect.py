@@ -183,9 +183,10 @@ def _rollout(pipeline: str, model, trim):
         SelfForcingRollout,
     )
 
+    # masks kept in place (no compaction, output-equivalent): the denoiser sees prunes in the keep mask
     if pipeline == "self-forcing":
-        return SelfForcingRollout(model, SelfForcingConfig(), trim=trim)
-    return RollingForcingRollout(model, RollingForcingConfig(), trim=trim)
+        return SelfForcingRollout(model, SelfForcingConfig(compact_after_prune=False), trim=trim)
+    return RollingForcingRollout(model, RollingForcingConfig(compact_after_prune=False), trim=trim)
 
 
 def evaluate(preset: str, kind: str | None, seeds: int, blocks: int, err: float = 0.5,

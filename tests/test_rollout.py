@@ -240,7 +240,8 @@ class SmoothVideo:
         if self.corrupt is not None and fs == 3 * self.corrupt[0]:
             # the corruption stands for drift coming from the cached context: a video whose cache
             # has a masked (pruned) token no longer gets it
-            unpruned = cache.valid_mask().sum(dim=1) == cache.length
+            # (masked in place or deleted by compaction: fewer kept tokens than committed frames hold)
+            unpruned = cache.valid_mask().sum(dim=1) == len(cache.frames) * cache.tokens_per_frame
             _, positions, amount = self.corrupt
             wt = x.shape[-1] // 2
             for p in positions:
@@ -363,7 +364,7 @@ def test_rolling_forcing_trim_paper_judges_first_level(model, text):
     level; the recent context (every cached non-sink frame, window and refresh caches) is masked."""
     n = 8
     trim = TokenTrimConfig(force="always", warmup=1)
-    r = RollingForcingRollout(model, RollingForcingConfig(), trim=trim)
+    r = RollingForcingRollout(model, RollingForcingConfig(compact_after_prune=False), trim=trim)
     seen = []
     orig = r._judge
 
