@@ -73,6 +73,9 @@ class SyntheticDenoiser(torch.nn.Module):
         self.config = WanConfig.preset("tiny")
         self._p = torch.nn.Parameter(torch.zeros(1), requires_grad=False)
         self.dtype, self.device = torch.float32, torch.device("cpu")
+        # the rollout's PositionRebaser reads the RoPE table length from here; the synthetic flow has
+        # no RoPE and its short runs never reach a re-base
+        self.register_buffer("rope_cos", torch.zeros(1024, 1), persistent=False)
         self.B, self.H, self.W, self.err, self.corrupt = batch, height, width, err, corrupt
         self.frame_noise = frame_noise
         C = self.config.in_dim
