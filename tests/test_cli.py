@@ -300,3 +300,23 @@ def test_rollout_out_dot(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert cli.main(["rollout", "--blocks", "1", "--out", ".", *SMALL]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latents.pt", "telemetry.json", "telemetry.png"]
+
+
+@pytest.mark.parametrize("preset,detect_step,trim_forwards", [("paper", 0, 1), ("robust", -1, 4)])
+def test_rollout_trim_preset_end_to_end(tmp_path, preset, detect_step, trim_forwards):
+    """--trim-preset reaches the rollout: the telemetry holds the preset's settings, a regeneration
+    costs one aborted forward (paper: first-step candidate) or a whole 4-step block (robust), and the
+    paper masks every cached non-sink frame while robust masks the previous block only."""
+    out = tmp_path / preset
+    assert cli.main(["rollout", "--blocks", "4", "--height", "4", "--width", "6", "--seed", "1", "--out", str(out),
+                     "--no-progress", "--trim-preset", preset, "--trim-force", "always", "--trim-warmup", "1"]) == 0
+    data = json.loads((out / "telemetry.json").read_text())
+    trim = data["meta"]["trim"]
+    assert trim["detect_step"] == detect_step and trim["force"] == "always"
+    assert (trim["scope"], trim["min_sigma_ratio"]) == (("recent", 0.0) if preset == "paper" else ("previous", 0.05))
+    blocks = data["blocks"]
+    assert [b["num_regenerations"] for b in blocks] == [0, 0, 1, 1]
+    assert [b["trim_forwards"] for b in blocks[2:]] == [trim_forwards, trim_forwards]
+    sink = 3  # the tiny Self Forcing cache keeps its first block as the sink: never masked
+    expected = [list(range(sink, 6)), list(range(sink, 9))] if preset == "paper" else [[3, 4, 5], [6, 7, 8]]
+    assert [b["masked_frames"] for b in blocks[2:]] == expected
