@@ -48,14 +48,9 @@ def _rotate_store(ptr, x0, x1, c, s, offs, mask):
 
 
 @triton.jit
-def _qk_norm_rope_kernel(
-    Q, K, V, WQ, WK, COS, SIN, QO, KV_K, KV_V, START, KRAW,
-    sq_b, sq_t, sk_b, sk_t, sv_b, sv_t, sqo_b, sqo_t,
-    skv_b, skv_t, sraw_b, sraw_t, scos_t,
-    T, dim, eps, n_raw,
-    HALF_D: tl.constexpr, BLOCK_HALF: tl.constexpr,
-    HAS_KV: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_RAW: tl.constexpr,
-):  # fmt: skip
+def _row_pairs(COS, SIN, scos_t, T, dim, HALF_D: tl.constexpr, BLOCK_HALF: tl.constexpr, HAS_ROPE: tl.constexpr):
+    """This program's (video b, token t), its row as interleaved pairs (offsets [BLOCK_HALF, 2] and
+    mask) and the pairs' RoPE cos/sin [BLOCK_HALF] fp32 (1 and 0 without RoPE)."""
     pid = tl.program_id(0).to(tl.int64)
     b = pid // T
     t = pid % T
@@ -70,7 +65,19 @@ def _qk_norm_rope_kernel(
     else:
         c = tl.full([BLOCK_HALF], 1.0, tl.float32)
         s = tl.zeros([BLOCK_HALF], tl.float32)
+    return b, t, offs, mask, c, s
 
+
+@triton.jit
+def _qk_norm_rope_kernel(
+    Q, K, V, WQ, WK, COS, SIN, QO, KV_K, KV_V, START, KRAW,
+    sq_b, sq_t, sk_b, sk_t, sv_b, sv_t, sqo_b, sqo_t,
+    skv_b, skv_t, sraw_b, sraw_t, scos_t,
+    T, dim, eps, n_raw,
+    HALF_D: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    HAS_KV: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_RAW: tl.constexpr,
+):  # fmt: skip
+    b, t, offs, mask, c, s = _row_pairs(COS, SIN, scos_t, T, dim, HALF_D, BLOCK_HALF, HAS_ROPE)
     q0, q1 = _norm_pairs(Q + b * sq_b + t * sq_t, WQ, offs, mask, dim, eps)
     _rotate_store(QO + b * sqo_b + t * sqo_t, q0, q1, c, s, offs, mask)
     if HAS_KV:
@@ -90,16 +97,7 @@ def _rope_into_kernel(
     X, COS, SIN, OUT, sx_b, sx_t, so_b, so_t, scos_t, T, dim,
     HALF_D: tl.constexpr, BLOCK_HALF: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0).to(tl.int64)
-    b = pid // T
-    t = pid % T
-    j = tl.arange(0, BLOCK_HALF)
-    pair_ok = j < dim // 2
-    offs = j[:, None] * 2 + tl.arange(0, 2)[None, :]
-    mask = pair_ok[:, None] & (offs < dim)
-    p = j % HALF_D
-    c = tl.load(COS + t * scos_t + p, mask=pair_ok, other=1.0)
-    s = tl.load(SIN + t * scos_t + p, mask=pair_ok, other=0.0)
+    b, t, offs, mask, c, s = _row_pairs(COS, SIN, scos_t, T, dim, HALF_D, BLOCK_HALF, True)
     x = tl.load(X + b * sx_b + t * sx_t + offs, mask=mask, other=0.0).to(tl.float32)
     x0, x1 = tl.split(x)
     _rotate_store(OUT + b * so_b + t * so_t, x0, x1, c, s, offs, mask)
