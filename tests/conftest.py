@@ -28,3 +28,18 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def device():
     return DEVICE
+
+
+@pytest.fixture(scope="module")
+def model():
+    """The tiny random Wan model (``WanConfig.preset("tiny")``, seed 0, eval mode), one per test module."""
+    from tokentrim.model import WanConfig, WanModel
+
+    torch.manual_seed(0)
+    return WanModel(WanConfig.preset("tiny")).eval()
+
+
+@pytest.fixture(scope="module")
+def text():
+    """Text embeddings [2, 8, 64] f32 for the tiny model (seed 1), one per test module."""
+    return torch.randn(2, 8, 64, generator=torch.Generator().manual_seed(1))

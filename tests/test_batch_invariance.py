@@ -6,7 +6,6 @@ import torch
 import torch.nn.functional as F
 
 from tokentrim.config import TokenTrimConfig
-from tokentrim.model import WanConfig, WanModel
 from tokentrim.rollout import (
     RollingForcingConfig,
     RollingForcingRollout,
@@ -14,12 +13,6 @@ from tokentrim.rollout import (
     SelfForcingRollout,
 )
 from tokentrim.rollout.common import block_noise, block_seed
-
-
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    return WanModel(WanConfig.preset("tiny")).eval()
 
 
 @pytest.fixture
@@ -35,11 +28,6 @@ def batch_invariant_kernels(monkeypatch):
 
     monkeypatch.setattr(F, "linear", linear)
     monkeypatch.setattr(F, "conv3d", lambda x, *a, **k: torch.cat([conv3d(x[i:i + 1], *a, **k) for i in range(x.shape[0])]))
-
-
-@pytest.fixture(scope="module")
-def text():
-    return torch.randn(2, 8, 64, generator=torch.Generator().manual_seed(1))
 
 
 def test_block_noise_is_per_video():

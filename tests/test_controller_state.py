@@ -8,7 +8,6 @@ import torch
 
 from tokentrim import cli
 from tokentrim.config import TokenTrimConfig
-from tokentrim.model import WanConfig, WanModel
 from tokentrim.rollout import RollingForcingRollout, SelfForcingConfig, SelfForcingRollout
 from tokentrim.trim import TokenTrimController
 
@@ -96,12 +95,6 @@ def test_from_json_garbage_names_the_file(tmp_path, content, message):
 
 
 # ------------------------------------------------------------------------------------ rollout checks
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    return WanModel(WanConfig.preset("tiny")).eval()
-
-
 @pytest.mark.parametrize("trim", [None, TokenTrimConfig()], ids=["trim-off", "trim-on"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_nonfinite_text_is_refused_up_front(model, trim, value):

@@ -20,17 +20,6 @@ from tokentrim.rollout import (
 from tokentrim.rollout.common import block_noise
 
 
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    return WanModel(WanConfig.preset("tiny")).eval()
-
-
-@pytest.fixture(scope="module")
-def text():
-    return torch.randn(2, 8, 64, generator=torch.Generator().manual_seed(1))
-
-
 def _sf(model, text, blocks, h=4, w=6, seed=0, trim=None, **cfg):
     return SelfForcingRollout(model, SelfForcingConfig(**cfg), trim=trim).run(text, blocks, h, w, seed=seed)
 
