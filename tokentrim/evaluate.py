@@ -290,12 +290,18 @@ def evaluate(videos: Sequence[str | os.PathLike], window: int = 16, split: bool 
 
 def add_parser(subparsers):
     """Register ``eval`` on an argparse subparsers object (handler: ``run``)."""
-    import argparse
+    from tokentrim.cli import HelpFormatter
 
     p = subparsers.add_parser(
         "eval", help="weight-free drift metrics of mp4 videos (flicker, colour/luminance drift, histograms)",
-        description=__doc__.split("\n\n")[0] + " See `tokentrim eval --help` and README 'Does it work?'.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Weight-free drift metrics of finished mp4 videos, per window of frames: temporal "
+                    "flicker (mean absolute frame difference), per-channel mean/std and luminance drift and "
+                    "colour-histogram distance against the first window, and the slope per second of each. "
+                    "With two videos, or --split on one `tokentrim generate --compare` video, the differences "
+                    "too. Prints a summary; --json / --png write the full report and a plot. Metrics that "
+                    "need model weights (VBench subject/background consistency, imaging quality) are out of "
+                    "scope. More: README 'Does it work?'.",
+        formatter_class=HelpFormatter,
     )
     p.add_argument("videos", nargs="+", metavar="VIDEO.mp4", help="video(s); the first is the reference of comparisons")
     p.add_argument("--json", metavar="OUT.json", default=None, help="write the full report here")
