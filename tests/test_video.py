@@ -327,6 +327,18 @@ def test_compare_is_double_width_with_the_same_seed(wan_dir, tmp_path):
     tele = json.loads(out.with_suffix(".json").read_text())
     assert tele["meta"]["panels"] == ["no-trim", "tokentrim"]
     assert all(b["baseline_time_s"] is not None for b in tele["blocks"])
+    # the README's `tokentrim eval --split --telemetry` on this real output and its telemetry
+    from tokentrim import cli
+
+    report = tmp_path / "cmp_eval.json"
+    assert cli.main(["eval", str(out), "--split", "--window", "4", "--telemetry", str(out.with_suffix(".json")),
+                     "--json", str(report), "--png", str(tmp_path / "cmp_eval.png")]) == 0
+    data = json.loads(report.read_text())
+    assert [v["video"].rsplit(":", 1)[1] for v in data["videos"]] == ["left", "right"]
+    assert all(v["frames"] == frames_of(3) and v["width"] == W for v in data["videos"])
+    series = data["telemetry"]
+    assert len(series["t_s"]) == 3 and series["severity"][0] is None and series["severity"][2] is not None
+    assert (tmp_path / "cmp_eval.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_prompts_file_gives_one_video_per_prompt_rolling_forcing(wan_dir, tmp_path):
