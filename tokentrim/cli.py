@@ -99,6 +99,13 @@ def add_rollout_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--width", type=_positive_int, default=None,
                    help="latent width (default 16; 104 = 832 px with the 1.3B preset)")
     g.add_argument("--batch", type=_positive_int, default=1, help="videos generated together")
+    g.add_argument("--num-videos", type=_positive_int, default=None, metavar="M",
+                   help="a job of M videos (in batches of --batch), written one folder per video with a "
+                        "summary.json; under torchrun the videos are shared out over the ranks "
+                        "(default: one batch, written as latents.pt)")
+    g.add_argument("--sp", type=_positive_int, default=1, metavar="N",
+                   help="head (Ulysses) parallel over N torchrun ranks for one job of --batch videos; "
+                        "N must divide the model's attention heads")
     g.add_argument("--seed", type=_seed_int, default=0, help="noise (and random weights/text) seed")
     g.add_argument("--cache-frames", type=_positive_int, default=21,
                    help="Self Forcing KV cache capacity in latent frames (longer rollouts evict)")
@@ -198,8 +205,9 @@ def _make_rollout(args, parser, model, trim):
         parser.error(str(e))
 
 
-def _load_text(args, parser, cfg):
-    """--text-embeddings checked up front: a [B, Lt, text_dim] float tensor, 1 <= Lt <= text_len."""
+def _load_text(args, parser, cfg, n: int | None = None):
+    """--text-embeddings checked up front: a [B, Lt, text_dim] float tensor, 1 <= Lt <= text_len,
+    B = 1 (expanded) or ``n`` (default --batch; --num-videos for a job)."""
     import torch
 
     from tokentrim.safeio import LOAD_ERRORS, describe
@@ -217,10 +225,11 @@ def _load_text(args, parser, cfg):
                      f"text_len={cfg.text_len}")
     if not text.is_floating_point():
         parser.error(f"--text-embeddings must be a floating-point tensor, got {text.dtype}")
-    if text.shape[0] == 1 and args.batch > 1:
-        text = text.expand(args.batch, -1, -1)
-    if text.shape[0] != args.batch:
-        parser.error(f"--text-embeddings batch {text.shape[0]} does not match --batch {args.batch}")
+    what, n = ("--batch", args.batch) if n is None else ("--num-videos", n)
+    if text.shape[0] == 1 and n > 1:
+        text = text.expand(n, -1, -1)
+    if text.shape[0] != n:
+        parser.error(f"--text-embeddings batch {text.shape[0]} does not match {what} {n}")
     return text
 
 
@@ -231,6 +240,48 @@ def _check_patch(parser, model, trim) -> None:
     if trim.enabled and patch is not None and tuple(patch) != tuple(cfg.patch_size[1:]):
         parser.error(f"--trim-patch {patch[0]} {patch[1]} does not match the model's spatial patch "
                      f"{tuple(cfg.patch_size[1:])}: TokenTrim's token grid must be the model's")
+
+
+def _build_model(args, parser, device, dtype, preset):
+    """The WanModel of ``--checkpoint`` or random weights of ``preset`` (seeded by --seed)."""
+    import torch
+
+    from tokentrim.model import WanConfig, WanModel, load_wan
+    from tokentrim.safeio import LOAD_ERRORS, describe
+
+    torch.manual_seed(args.seed)
+    if args.checkpoint is not None:
+        try:
+            return load_wan(args.checkpoint, config=args.preset, dtype=dtype, device=device)
+        except LOAD_ERRORS as e:
+            parser.error(f"--checkpoint: {describe(e)}")
+    return WanModel(WanConfig.preset(preset), dtype=dtype, device=device).eval()
+
+
+def _text_embeddings(args, parser, cfg, n: int):
+    """[n, Lt, text_dim] CPU text embeddings: --text-embeddings (1 or n rows) or random (seeded)."""
+    import torch
+
+    if args.text_embeddings is not None:
+        return _load_text(args, parser, cfg, n)
+    gen = torch.Generator().manual_seed(args.seed)
+    return torch.randn(n, cfg.text_len, cfg.text_dim, generator=gen)
+
+
+def rollout_meta(args, device, dtype, preset, trim) -> dict:
+    """The run's settings for the telemetry JSON."""
+    return {
+        "pipeline": args.pipeline,
+        "preset": None if args.checkpoint else preset,
+        "checkpoint": args.checkpoint,
+        "device": str(device),
+        "dtype": str(dtype).replace("torch.", ""),
+        "blocks": args.blocks,
+        "latent_size": [args.height, args.width],
+        "batch": args.batch,
+        "seed": args.seed,
+        "trim": trim.to_dict(),
+    }
 
 
 def _check_limits(args, parser, rollout, model, trim) -> None:
@@ -282,8 +333,13 @@ def _memory_check(args, parser, device, dtype, preset) -> bool:
 def run_rollout(args) -> int:
     """Handler of ``tokentrim rollout``; returns the exit code (0 done, 2 usage error, 130
     interrupted: the finished blocks are saved)."""
+    from tokentrim import distributed
     from tokentrim.safeio import OutputLock
 
+    if args.num_videos is not None or args.sp > 1 or distributed.launched():
+        from tokentrim.parallel_cli import run_rollout_job
+
+        return run_rollout_job(args)
     parser = args._parser
     device, dtype, preset, trim = _resolve(args, parser)
     if _memory_check(args, parser, device, dtype, preset):
@@ -305,18 +361,9 @@ def run_rollout(args) -> int:
 def _run_rollout(args, parser, device, dtype, preset, trim) -> int:
     import torch
 
-    from tokentrim.model import WanConfig, WanModel, load_wan
     from tokentrim.rollout_out import RolloutOutput
-    from tokentrim.safeio import LOAD_ERRORS, describe
 
-    torch.manual_seed(args.seed)
-    if args.checkpoint is not None:
-        try:
-            model = load_wan(args.checkpoint, config=args.preset, dtype=dtype, device=device)
-        except LOAD_ERRORS as e:
-            parser.error(f"--checkpoint: {describe(e)}")
-    else:
-        model = WanModel(WanConfig.preset(preset), dtype=dtype, device=device).eval()
+    model = _build_model(args, parser, device, dtype, preset)
     cfg = model.config
     if args.text_embeddings is not None:
         text = _load_text(args, parser, cfg)
@@ -326,18 +373,7 @@ def _run_rollout(args, parser, device, dtype, preset, trim) -> int:
     _check_patch(parser, model, trim)
     rollout = _make_rollout(args, parser, model, trim)
     _check_limits(args, parser, rollout, model, trim)
-    meta = {
-        "pipeline": args.pipeline,
-        "preset": None if args.checkpoint else preset,
-        "checkpoint": args.checkpoint,
-        "device": str(device),
-        "dtype": str(dtype).replace("torch.", ""),
-        "blocks": args.blocks,
-        "latent_size": [args.height, args.width],
-        "batch": args.batch,
-        "seed": args.seed,
-        "trim": trim.to_dict(),
-    }
+    meta = rollout_meta(args, device, dtype, preset, trim)
     return _stream(args, rollout, text.to(device), RolloutOutput(args.out, meta), trim)
 
 

@@ -427,10 +427,11 @@ def _overlay_frames(frames, record: dict, b: int, grid_w: int, cell: tuple[int, 
 
 
 def generate_batch(model, vae, text, prompts, paths, args, trim_cfg, num_blocks, on_block=None,
-                   base_meta=None) -> tuple[str, list[VideoOutput]]:
+                   base_meta=None, video_offset: int = 0) -> tuple[str, list[VideoOutput]]:
     """Run the rollout(s) for one batch of prompts and stream every video to its mp4.
 
-    text: [B, Lt, text_dim] prompt embeddings. Returns (status, outputs); status is "complete" or
+    text: [B, Lt, text_dim] prompt embeddings; video_offset: the job index of the batch's first
+    prompt (its noise is that of (seed, index)). Returns (status, outputs); status is "complete" or
     "interrupted". Exceptions other than KeyboardInterrupt propagate after every output has been
     finalised with its finished blocks.
     """
@@ -452,7 +453,8 @@ def generate_batch(model, vae, text, prompts, paths, args, trim_cfg, num_blocks,
     streams = [[vae.streaming_decoder() for _ in panels] for _ in range(B)]
     switches = getattr(args, "_switches", None)
     extra = {} if not switches else dict(prompts=switches, recache=args.recache, reset_trim=args.trim_reset_on_switch)
-    gens = [r.iter_blocks(text, num_blocks, lat_h, lat_w, seed=args.seed, **extra) for r, _ in panels]
+    gens = [r.iter_blocks(text, num_blocks, lat_h, lat_w, seed=args.seed, video_offset=video_offset, **extra)
+            for r, _ in panels]
     status, error = "complete", None
     bar = tqdm(total=num_blocks, unit="block", desc=args.pipeline, disable=args.no_progress, file=sys.stderr)
     t0, frames_done = time.perf_counter(), 0
@@ -520,12 +522,30 @@ def run_generate(args, on_block=None) -> int:
 
 
 def _run(args, on_block) -> int:
-    from tokentrim.video import check_model_dir
+    from tokentrim import distributed
 
     num_blocks, device, dtype = _check_args(args)
     args._schedule = _read_schedule(args, num_blocks)
     prompts = read_prompts(args)
     paths = _output_paths(Path(args.out), len(prompts))
+    if not distributed.launched():
+        return _run_share(args, on_block, None, num_blocks, device, dtype, prompts, paths)
+    # torchrun: data parallel, this rank makes its contiguous share of the prompts
+    ctx = distributed.init(device.type)
+    try:
+        out = Path(args.out)
+        job = distributed.DataParallelJob(ctx, len(prompts), out.with_name(out.stem + ".ranks"),
+                                          out.with_name(out.stem + ".summary.json"), meta={"argv": sys.argv})
+        return _run_share(args, on_block, job, num_blocks, ctx.device, dtype, prompts, paths)
+    finally:
+        ctx.close()
+
+
+def _run_share(args, on_block, job, num_blocks, device, dtype, prompts, paths) -> int:
+    """Generate the prompts of ``job.videos`` (all of them without a job)."""
+    from tokentrim.video import check_model_dir
+
+    mine = job.videos if job is not None else range(len(prompts))
     try:
         trim_cfg = TokenTrimConfig.from_cli_args(args)
     except (ValueError, TypeError) as e:
@@ -538,12 +558,13 @@ def _run(args, on_block) -> int:
         return 0  # --dry-run
     _check_outputs(paths, args.overlay)
     with contextlib.ExitStack() as locks:  # one run at a time per output: a second one stops here
-        for p in paths:
+        for p in paths[mine.start : mine.stop]:  # data parallel: each rank locks its own videos
             try:
                 locks.enter_context(OutputLock(p))
             except ValueError as e:
                 raise GenerateError(str(e)) from None
-        return _load_and_generate(args, on_block, model_dir, prompts, paths, trim_cfg, num_blocks, device, dtype)
+        return _load_and_generate(args, on_block, model_dir, prompts, paths, trim_cfg, num_blocks, device, dtype,
+                                  job, mine)
 
 
 def _memory_check(args, model_dir, num_blocks, device, dtype, num_prompts) -> bool:
@@ -572,13 +593,16 @@ def _memory_check(args, model_dir, num_blocks, device, dtype, num_prompts) -> bo
     return False
 
 
-def _load_and_generate(args, on_block, model_dir, prompts, paths, trim_cfg, num_blocks, device, dtype) -> int:
+def _load_and_generate(args, on_block, model_dir, prompts, paths, trim_cfg, num_blocks, device, dtype,
+                       job=None, mine=None) -> int:
+    mine = range(len(prompts)) if mine is None else mine
     source = str(args.checkpoint or model_dir / "transformer")
     model = load_transformer(args, model_dir, device, dtype)
     encoder = load_text_encoder(model_dir, device, dtype, model.config.text_len)
     vae = load_vae(model_dir, device)
     _check_compatible(model, encoder.text_dim, vae.z_dim, source)
-    texts = [encoder.encode(prompts[i : i + args.batch_size]) for i in range(0, len(prompts), args.batch_size)]
+    starts = list(range(mine.start, mine.stop, args.batch_size))
+    texts = [encoder.encode(prompts[i : min(i + args.batch_size, mine.stop)]) for i in starts]
     if getattr(args, "_schedule", None):  # one video: every later prompt of the schedule, encoded now
         args._switches = [(b, encoder.encode([p])) for b, p in args._schedule[1:]]
     del encoder  # umT5-xxl is ~11 GB in bf16: free it before the rollout
@@ -591,11 +615,13 @@ def _load_and_generate(args, on_block, model_dir, prompts, paths, trim_cfg, num_
         "trim": trim_cfg.to_dict() if (args.trim or args.compare) else None, "compare": args.compare,
         "argv": sys.argv, "prompt_schedule": getattr(args, "_schedule", None),
     }
+    if job is not None:
+        return _run_job(job, model, vae, texts, starts, prompts, paths, args, trim_cfg, num_blocks, on_block, base_meta)
     written = []
-    for start, text in zip(range(0, len(prompts), args.batch_size), texts):
+    for start, text in zip(starts, texts):
         end = start + text.shape[0]
         status, outputs = generate_batch(model, vae, text, prompts[start:end], paths[start:end], args,
-                                         trim_cfg, num_blocks, on_block, base_meta)
+                                         trim_cfg, num_blocks, on_block, base_meta, video_offset=start)
         written += [o for o in outputs if o.final_path is not None]
         if status == "interrupted":
             for o in outputs:
@@ -606,6 +632,35 @@ def _load_and_generate(args, on_block, model_dir, prompts, paths, trim_cfg, num_
         extra = ", ".join(p.name for p in (o.json_path, o.png_path) if p is not None)
         print(f"wrote {o.final_path} ({o.writer.frames_written} frames) + {extra}", file=sys.stderr)
     return 0
+
+
+def _run_job(job, model, vae, texts, starts, prompts, paths, args, trim_cfg, num_blocks, on_block, base_meta) -> int:
+    """This rank's batches of a data-parallel job; the summary and the exit code come from ``job.close``."""
+    from tokentrim import distributed
+
+    with distributed.sigterm_as_interrupt():
+        try:
+            for start, text in zip(starts, texts):
+                end = start + text.shape[0]
+                job.start(*range(start, end))
+                try:
+                    status, outputs = generate_batch(model, vae, text, prompts[start:end], paths[start:end], args,
+                                                     trim_cfg, num_blocks, on_block, base_meta, video_offset=start)
+                except Exception as e:  # the finished blocks are in the mp4s already
+                    job.failed(range(start, end), e)
+                    break
+                if status == "interrupted":
+                    raise KeyboardInterrupt
+                for b, o in enumerate(outputs):
+                    entry = {"video": start + b, "path": str(o.final_path), "prompt": o.prompt,
+                             "blocks": len(o.records), "pixel_frames": o.writer.frames_written,
+                             "pruned_blocks": sum(1 for r in o.records if r.get("prune") and r["prune"][0])}
+                    wall = sum(r.get("time_s") or 0.0 for r in o.records)
+                    entry["pixel_fps"] = o.writer.frames_written / wall if wall > 0 else None
+                    job.finished(start + b, entry)
+        except KeyboardInterrupt:
+            job.interrupted()
+        return job.close()
 
 
 def main(argv=None) -> int:

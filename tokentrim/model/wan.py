@@ -208,6 +208,9 @@ class WanModel(nn.Module):
         #: rms_norm, GELU in the GEMM epilogue on CUDA): None = on for CUDA, off elsewhere
         self.fused: bool | None = None
         self.fused_backend = "auto"  # tokentrim.ops backend of the fused ops ("triton" on CPU needs the interpreter)
+        #: None, or a head-parallel context (tokentrim.distributed.SequenceParallel) that
+        #: forward_cached uses around the cached self-attention (DESIGN.md "Scale past one GPU")
+        self.sequence_parallel = None
         with torch.device(device) if device is not None else nullcontext():
             d = cfg.dim
             self.patch_embedding = nn.Conv3d(cfg.in_dim, d, kernel_size=cfg.patch_size, stride=cfg.patch_size)
@@ -402,10 +405,14 @@ class WanModel(nn.Module):
         h = self._embed(x)
         e, e0 = self._time(t)
         rope = rope_cos_sin(self.rope_cos, self.rope_sin, _position(cache, frame_start), Fb, H // ph, W // pw)
+        sp = self.sequence_parallel
+        if sp is not None:  # this rank's tokens of every frame (all heads) until the attention
+            h, rope = sp.scatter(h), tuple(sp.scatter(r.view(Fb, S, -1)).flatten(0, 1) for r in rope)
         kv_len = cache.attend_len(T)
         sink_rope = None
         raw_sink = bool(cache.raw_sink)
         fused = self.uses_fused(x.device) if fused is None else bool(fused)
+        fused = fused and sp is None  # the fused path writes q/k/v straight into the cache: no exchange
         if host_state is None or not fused:
             host_state = None
             sink_done = raw_sink and cache.sink_frames > 0 and len(cache.frames) >= cache.sink_frames
@@ -421,6 +428,8 @@ class WanModel(nn.Module):
         for i, block in enumerate(self.blocks):
             mod = block.modulation_vectors(e0)
             q, k, v, k_raw = block.self_qkv(h, mod, rope)
+            if sp is not None:  # tokens -> heads: every token of this rank's heads
+                q, k, v, k_raw = sp.to_heads(q, k, v, k_raw, frames=Fb, tokens=S)
             cache.write(i, k.to(cdt), v.to(cdt), k_raw=k_raw.to(cdt) if raw_sink else None)
             if kv_only and i == last:
                 return None
@@ -431,11 +440,19 @@ class WanModel(nn.Module):
                 tiles, count = tt.attention_tiles(cache.keep, kv_len, self.attention_backend)
             o = tt.masked_attention(q.to(cdt), ck, cache.v(i), cache.keep, kv_len, None, tiles, count,
                                     self.attention_backend)
+            if sp is not None:  # heads -> tokens
+                o = sp.to_tokens(o, frames=Fb)
             h = block.finish(h, mod, o, ctx.k[i], ctx.v[i])
-        return self._unpatchify(self.head(h, e), H, W)
+        out = self.head(h, e)
+        if sp is not None:
+            out = sp.gather(out, tokens=S)
+        return self._unpatchify(out, H, W)
 
     def uses_fused(self, device) -> bool:
-        """Whether forward_cached takes the fused path on ``device`` (see ``fused``)."""
+        """Whether forward_cached takes the fused path on ``device`` (see ``fused``); never with
+        ``sequence_parallel`` (head parallel runs the unfused layer loop)."""
+        if self.sequence_parallel is not None:
+            return False
         if self.fused is None:
             return torch.device(device).type == "cuda"
         return bool(self.fused)
@@ -507,7 +524,8 @@ class WanModel(nn.Module):
 
     def _check_cache(self, cache, B: int, S: int):
         cfg = self.config
-        want = dict(num_layers=cfg.num_layers, batch=B, num_heads=cfg.num_heads, head_dim=cfg.head_dim, tokens_per_frame=S)
+        heads = cfg.num_heads if self.sequence_parallel is None else self.sequence_parallel.local_heads(cfg.num_heads)
+        want = dict(num_layers=cfg.num_layers, batch=B, num_heads=heads, head_dim=cfg.head_dim, tokens_per_frame=S)
         got = {k: getattr(cache, k, None) for k in want}
         if got != want:
             raise ValueError(f"cache does not fit the model/latents: expected {want}, got {got}")

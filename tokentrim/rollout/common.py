@@ -104,7 +104,8 @@ class ModelFacts:
             raise TypeError(f"model must be a WanModel (with a .config WanConfig), got {type(model).__name__}")
         self.config = cfg
         self.num_layers = cfg.num_layers
-        self.num_heads = cfg.num_heads
+        sp = getattr(model, "sequence_parallel", None)  # head parallel: the cache holds this rank's heads
+        self.num_heads = cfg.num_heads if sp is None else sp.local_heads(cfg.num_heads)
         self.head_dim = cfg.dim // cfg.num_heads
         self.channels = cfg.in_dim
         self.patch = tuple(cfg.patch_size[1:])

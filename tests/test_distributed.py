@@ -1,0 +1,204 @@
+"""torchrun jobs on the CPU (gloo, 2 processes, tiny model), each launched by the test itself.
+
+Three launches in all (torchrun start-up costs seconds): data parallel, head parallel (both
+exchanges in one launch, tests/_sp_driver.py), a rank killed mid-job. The references are the
+same commands in this process, on one thread (torchrun workers run with OMP_NUM_THREADS=1).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+
+from tokentrim import cli
+from tokentrim.distributed import contiguous_share
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+TRIM = ["--no-progress", "--trim-force", "always", "--trim-warmup", "1"]
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", TRITON_INTERPRET="1")
+    env.pop("TOKENTRIM_SP_EXCHANGE", None)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return env
+
+
+def _torchrun(args, **kw):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+    return subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, **kw)
+
+
+def _finish(proc, timeout=240):
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"torchrun did not finish in {timeout} s:\n{out}\n{err}")
+
+
+@contextmanager
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def _load(path):
+    return torch.load(path, weights_only=True)
+
+
+def test_contiguous_share():
+    for n in range(0, 9):
+        for world in range(1, 5):
+            shares = [contiguous_share(n, r, world) for r in range(world)]
+            assert [v for s in shares for v in s] == list(range(n))
+            assert max(map(len, shares)) - min(map(len, shares)) <= 1
+
+
+def _decode(path) -> torch.Tensor:
+    import av
+
+    with av.open(str(path)) as c:
+        return torch.stack([torch.from_numpy(f.to_ndarray(format="rgb24")) for f in c.decode(video=0)])
+
+
+def test_data_parallel_equals_single_process(tmp_path):
+    """rollout --num-videos 3 and generate --prompts (2 prompts) over 2 ranks, in one launch."""
+    from _video_fixtures import SENTENCES, build_tiny_wan_folder
+
+    wan = build_tiny_wan_folder(tmp_path / "wan")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(SENTENCES[:2]))
+    roll = ["rollout", "--num-videos", "3", "--blocks", "3", "--height", "4", "--width", "6", "--seed", "5", *TRIM]
+    gen = ["generate", "--model-dir", str(wan), "--prompts", str(prompts), "--height", "32", "--width", "48",
+           "--blocks", "1", "--seed", "4", "--no-trim", "--no-progress", "--crf", "0"]
+    # --crf 0: lossy x264 output was seen to differ between two identical single-process runs
+    # (same frames in); lossless encoding compares the frames themselves
+    jobs = [[*roll, "--out", str(tmp_path / "dp")], [*gen, "--out", str(tmp_path / "gdp" / "v.mp4")]]
+    proc = _torchrun([str(HERE / "_dp_driver.py"), json.dumps(jobs)])
+    with _one_thread():  # meanwhile, the single-process references
+        assert cli.main([*roll, "--out", str(tmp_path / "one")]) == 0
+        assert cli.main([*gen, "--out", str(tmp_path / "gone" / "v.mp4")]) == 0
+    out, err = _finish(proc)
+    assert proc.returncode == 0, err
+    summary = json.loads((tmp_path / "dp" / "summary.json").read_text())
+    one = json.loads((tmp_path / "one" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["status"] == "complete" and summary["failures"] == []
+    assert [(e["video"], e["rank"], e["status"]) for e in summary["videos"]] == [(0, 0, "done"), (1, 0, "done"),
+                                                                               (2, 1, "done")]
+    assert [e["pruned_blocks"] for e in summary["videos"]] == [e["pruned_blocks"] for e in one["videos"]] == [1, 1, 1]
+    for v in range(3):
+        dp, ref = (tmp_path / d / f"video_{v:03d}" for d in ("dp", "one"))
+        assert torch.equal(_load(dp / "latents.pt"), _load(ref / "latents.pt")), f"video {v} differs"
+        blocks = json.loads((dp / "telemetry.json").read_text())["blocks"]
+        assert [b["prune"] for b in blocks] == [None, [False], [True]]
+        assert (dp / "telemetry.png").read_bytes()[:4] == b"\x89PNG"
+    # the videos differ from each other (noise of (seed, video index))
+    assert not torch.equal(_load(tmp_path / "dp/video_000/latents.pt"), _load(tmp_path / "dp/video_002/latents.pt"))
+    assert "3/3 video(s) finished on 2 rank(s)" in out
+    # generate: the same mp4 frames and telemetry whichever rank made a video
+    gsum = json.loads((tmp_path / "gdp" / "v.summary.json").read_text())
+    assert [(e["video"], e["rank"], e["status"]) for e in gsum["videos"]] == [(0, 0, "done"), (1, 1, "done")]
+    for v in range(2):
+        dp, ref = tmp_path / "gdp" / f"v_{v:03d}.mp4", tmp_path / "gone" / f"v_{v:03d}.mp4"
+        assert torch.equal(_decode(dp), _decode(ref)), f"generate video {v} differs"
+        assert json.loads(dp.with_suffix(".json").read_text())["meta"]["prompt"] == SENTENCES[v]
+
+
+def test_head_parallel_matches_single_process(tmp_path):
+    # 3x3 tokens per frame (S = 9, padded to 2 x 5 tokens): Self Forcing through all_to_all;
+    # Rolling Forcing (raw sink, refresh cache) through the all_gather fallback
+    runs = {
+        "a2a": ["--height", "6", "--width", "6", "--batch", "2", "--blocks", "3", "--seed", "1"],
+        "gather": ["--pipeline", "rolling-forcing", "--height", "4", "--width", "6", "--blocks", "3", "--seed", "2"],
+    }
+    proc = _torchrun([str(HERE / "_sp_driver.py"), str(tmp_path), json.dumps(runs)])
+    with _one_thread():
+        for name, args in runs.items():
+            assert cli.main(["rollout", *args, *TRIM, "--out", str(tmp_path / f"{name}_one")]) == 0
+    out, err = _finish(proc)
+    assert proc.returncode == 0, err
+    for name in runs:
+        ref, sp = _load(tmp_path / f"{name}_one/latents.pt"), _load(tmp_path / f"{name}_sp/latents.pt")
+        assert sp.shape == ref.shape and torch.isfinite(sp).all()
+        torch.testing.assert_close(sp, ref, atol=2e-4, rtol=1e-4)
+        ref_t, sp_t = (json.loads((tmp_path / f"{name}{s}/telemetry.json").read_text()) for s in ("_one", "_sp"))
+        assert [b["prune"] for b in sp_t["blocks"]] == [b["prune"] for b in ref_t["blocks"]]
+        assert any(b["prune"] and any(b["prune"]) for b in sp_t["blocks"])  # TokenTrim did act
+        meta = sp_t["meta"]
+        assert meta["sp"] == 2 and meta["cache_heads_per_rank"] == 1  # tiny: 2 heads, one per rank
+    assert "exchange all_to_all" in out and "exchange all_gather" in out
+
+
+def _status(out: Path, rank: int) -> dict | None:
+    try:
+        return json.loads((out / "ranks" / f"rank{rank}.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _wait(pred, proc, what, timeout=180):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        got = pred()
+        if got:
+            return got
+        if proc.poll() is not None:
+            pytest.fail(f"the job ended before {what}: {proc.communicate()}")
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def test_killed_rank_leaves_the_finished_videos(tmp_path):
+    out = tmp_path / "job"
+    proc = _torchrun(["-m", "tokentrim.cli", "rollout", "--num-videos", "4", "--blocks", "3", "--height", "4",
+                      "--width", "4", "--no-progress", "--out", str(out)])
+    # rank 1 makes videos 2, 3: freeze it on video 3, let rank 0 finish video 0, then kill rank 1
+    s1 = _wait(lambda: (s := _status(out, 1)) and s["current"] == [3] and s, proc, "rank 1 on video 3")
+    os.kill(s1["pid"], signal.SIGSTOP)
+    _wait(lambda: (s := _status(out, 0)) and 0 in s["done"], proc, "rank 0 to finish video 0")
+    os.kill(s1["pid"], signal.SIGKILL)
+    _, err = _finish(proc)
+    assert proc.returncode != 0
+    assert "rank 1 died on video 3" in err
+    done = [v for v in range(4) if (out / f"video_{v:03d}" / "latents.pt").is_file()]
+    assert 0 in done and 2 in done and 3 not in done
+    assert not list(out.glob(".video_*"))  # no partial folder left behind under a final name
+    summary = json.loads((out / "summary.json").read_text())
+    status = {e["video"]: e["status"] for e in summary["videos"]}
+    assert status[0] == status[2] == "done" and status[3] == "failed"
+    assert any("rank 1 died on video 3" in f for f in summary["failures"])
+    for v in done:
+        assert _load(out / f"video_{v:03d}" / "latents.pt").shape == (1, 9, 16, 4, 4)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--sp", "5"], "--sp 5 must divide the model's 2 attention heads (preset tiny); use one of 1, 2"),
+    (["--sp", "2"], "--sp 2 needs 2 processes, one per head group: launch with torchrun --nproc_per_node 2"),
+    (["--sp", "2", "--num-videos", "2"], "cannot be combined with --num-videos"),
+])
+def test_sp_argument_errors_come_before_any_work(tmp_path, capsys, argv, message):
+    out = tmp_path / "never"
+    with pytest.raises(SystemExit) as e:
+        cli.main(["rollout", *argv, "--out", str(out), "--no-progress"])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()

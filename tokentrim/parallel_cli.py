@@ -1,0 +1,179 @@
+"""``tokentrim rollout`` as a job over torchrun ranks (``--num-videos``, ``--sp``; tokentrim.distributed).
+
+- ``--num-videos M`` (data parallel under torchrun, or one process): rank r makes its contiguous
+  share of the M videos in batches of ``--batch``, video v with the noise of (seed, v), and writes
+  each finished video at once to ``--out/video_<v>/`` (latents.pt [1, F, C, H, W] float32,
+  telemetry.json, telemetry.png: only that video's entries); rank 0 writes ``--out/summary.json``
+  (per video: rank, frames/s, pruned blocks, status). Rank status files live in ``--out/ranks/``.
+- ``--sp N`` (head parallel, N = WORLD_SIZE): every rank runs the one job of ``--batch`` videos
+  with 1/N of the heads; rank 0 writes the usual ``latents.pt``, ``telemetry.json``,
+  ``telemetry.png``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from tokentrim import distributed
+
+
+def _check_sp(args, parser, num_heads: int, where: str) -> None:
+    if num_heads % args.sp:
+        ok = ", ".join(str(n) for n in range(1, num_heads + 1) if num_heads % n == 0)
+        parser.error(f"--sp {args.sp} must divide the model's {num_heads} attention heads ({where}); "
+                     f"use one of {ok}")
+
+
+def _check(args, parser, preset):
+    """Every check that needs no model weights and no process group (before any work)."""
+    from tokentrim.model import WanConfig
+
+    world = distributed.env_world_size()
+    if args.sp > 1:
+        if args.checkpoint is None:
+            _check_sp(args, parser, WanConfig.preset(preset).num_heads, f"preset {preset}")
+        if args.num_videos is not None:
+            parser.error("--sp runs one job of --batch videos together; it cannot be combined with --num-videos")
+        if args.graphs:
+            parser.error("--sp cannot be combined with --graphs (collectives are not captured)")
+        if world != args.sp:
+            parser.error(f"--sp {args.sp} needs {args.sp} processes, one per head group: launch with "
+                         f"torchrun --nproc_per_node {args.sp} (WORLD_SIZE is {world})")
+    from tokentrim.safeio import check_output_dir
+
+    try:
+        check_output_dir(args.out, "--out")
+    except ValueError as e:
+        parser.error(str(e))
+
+
+def run_rollout_job(args) -> int:
+    """``tokentrim rollout`` with ``--num-videos``/``--sp`` or under torchrun; returns the exit code."""
+    from tokentrim.cli import _build_model, _check_limits, _make_rollout, _resolve, _text_embeddings
+
+    parser = args._parser
+    if args.sp > 1:  # first of all, before _resolve creates --out: the preset _resolve would pick
+        cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+        _check(args, parser, args.preset or ("wan2.1-t2v-1.3b" if cuda else "tiny"))
+    _, dtype, preset, trim = _resolve(args, parser)
+    _check(args, parser, preset)
+    try:
+        ctx = distributed.init(args.device, tensors=args.sp > 1)
+    except ValueError as e:
+        parser.error(str(e))
+    try:
+        model = _build_model(args, parser, ctx.device, dtype, preset)
+        cfg = model.config
+        _check_sp(args, parser, cfg.num_heads, "from --checkpoint")
+        _check_limits(args, parser, _make_rollout(args, parser, model, trim), model, trim)
+        n = args.batch if args.sp > 1 else (args.num_videos or args.batch)
+        text = _text_embeddings(args, parser, cfg, n)
+        if args.sp > 1:
+            return _run_sp(args, parser, ctx, model, text, dtype, preset, trim)
+        return _run_dp(args, parser, ctx, model, text, dtype, preset, trim, _make_rollout)
+    finally:
+        ctx.close()
+
+
+# ----------------------------------------------------------------------------- head parallel
+def _decisions(records: list[dict]) -> list:
+    return [(r.get("prune"), r.get("unstable_idx"), r.get("num_regenerations")) for r in records]
+
+
+def _run_sp(args, parser, ctx, model, text, dtype, preset, trim) -> int:
+    import torch.distributed as dist
+
+    from tokentrim import telemetry
+    from tokentrim.cli import _make_rollout, rollout_meta
+
+    with torch.no_grad():  # the same weights on every rank, whatever the init did
+        for p in model.parameters():
+            dist.broadcast(p.data, src=0)
+    model.sequence_parallel = distributed.SequenceParallel()
+    rollout = _make_rollout(args, parser, model, trim)
+    result = rollout.run(text.to(ctx.device), args.blocks, args.height, args.width, seed=args.seed,
+                         progress=args.progress and ctx.is_main)
+    # every rank saw the same gathered latents, so the decisions must agree; check, never assume
+    mine = _decisions(result.records)
+    if any(d != mine for d in ctx.all_gather_object(mine)):
+        print(f"tokentrim rollout: rank {ctx.rank}: TokenTrim decisions differ across the --sp ranks", file=sys.stderr)
+        return 1
+    if not ctx.is_main:
+        return 0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(result.latents, out / "latents.pt")
+    meta = dict(rollout_meta(args, ctx.device, dtype, preset, trim), sp=args.sp, timings=result.timings,
+                cache_heads_per_rank=rollout.cache.num_heads, cache_kv_bytes_per_rank=rollout.cache.kv_nbytes,
+                summary=rollout.controller.summary() if rollout.controller is not None else None)
+    telemetry.save_json(result.records, out / "telemetry.json", meta)
+    telemetry.plot(result.records, out / "telemetry.png",
+                   title=f"{args.pipeline} --sp {args.sp}: TokenTrim {'on' if trim.enabled else 'off'}")
+    t = result.timings
+    print(f"{args.pipeline} --sp {args.sp}: {t['latent_frames']} latent frames in {t['total_s']:.2f} s "
+          f"({t['latent_fps']:.2f} latent frames/s, {t['pixel_fps']:.2f} pixel frames/s)")
+    print(f"wrote {out / 'latents.pt'}, {out / 'telemetry.json'}, {out / 'telemetry.png'}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- data parallel
+def _write_video(out: Path, v: int, latents: torch.Tensor, records: list[dict], meta: dict, title: str) -> Path:
+    """Write one video's folder atomically (a temporary folder renamed into place)."""
+    from tokentrim import telemetry
+
+    final = out / f"video_{v:03d}"
+    tmp = out / f".video_{v:03d}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        torch.save(latents, tmp / "latents.pt")
+        telemetry.save_json(records, tmp / "telemetry.json", meta)
+        try:
+            telemetry.plot(records, tmp / "telemetry.png", title=title)
+        except Exception as e:  # a plotting problem must not lose the video
+            print(f"warning: telemetry plot of video {v} failed: {e}", file=sys.stderr)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:  # interrupted (SIGTERM) or failed: leave no half-written folder
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def _run_dp(args, parser, ctx, model, text, dtype, preset, trim, make_rollout) -> int:
+    from tokentrim.cli import rollout_meta
+    from tokentrim.generate import _video_record
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    n = text.shape[0]
+    base = dict(rollout_meta(args, ctx.device, dtype, preset, trim), num_videos=n, world_size=ctx.world)
+    job = distributed.DataParallelJob(ctx, n, out / "ranks", out / "summary.json", meta=base)
+    title = f"{args.pipeline}: TokenTrim {'on' if trim.enabled else 'off'}"
+    with distributed.sigterm_as_interrupt():
+        try:
+            mine = job.videos
+            for start in range(mine.start, mine.stop, args.batch):
+                vs = list(range(start, min(start + args.batch, mine.stop)))
+                job.start(*vs)
+                try:
+                    rollout = make_rollout(args, parser, model, trim)
+                    result = rollout.run(text[vs[0]: vs[-1] + 1].to(ctx.device), args.blocks, args.height, args.width,
+                                         seed=args.seed, progress=args.progress and ctx.is_main, video_offset=vs[0])
+                except Exception as e:
+                    job.failed(vs, e)
+                    break
+                for b, v in enumerate(vs):
+                    records = [_video_record(r, b) for r in result.records]
+                    meta = dict(base, video=v, rank=ctx.rank, timings=result.timings)
+                    path = _write_video(out, v, result.latents[b: b + 1], records, meta, f"{title} (video {v})")
+                    job.finished(v, distributed.video_entry(result.records, result.timings, v, b, path))
+        except KeyboardInterrupt:
+            job.interrupted()
+        return job.close()
