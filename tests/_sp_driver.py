@@ -1,15 +1,39 @@
 """Run by tests/test_distributed.py under torchrun: several ``tokentrim rollout --sp 2`` jobs in one
 launch (one process group), the first through all_to_all, the others through the all_gather
-fallback. argv: OUT_DIR JSON({name: [rollout args]}); each writes OUT_DIR/<name>_sp."""
+fallback, then ``rebase_case`` (RoPE re-base + cache compaction, through the Python API).
+argv: OUT_DIR JSON({name: [rollout args]}); each writes OUT_DIR/<name>_sp, the re-base case
+OUT_DIR/rebase_sp.pt."""
 
 import json
 import os
 import sys
 
+import torch
 import torch.distributed as dist
 
 from tokentrim import cli
 from tokentrim.distributed import SequenceParallel
+
+
+def rebase_case(sp) -> dict:
+    """Self Forcing on the tiny model with a 7-position RoPE limit (re-bases every few blocks) and
+    TokenTrim forced on every block (persisting masks: the cache compacts pruned tokens), with
+    ``model.sequence_parallel = sp`` (None = one process). Returns what the test compares."""
+    from tokentrim.config import TokenTrimConfig
+    from tokentrim.model import WanConfig, WanModel
+    from tokentrim.rollout import SelfForcingConfig, SelfForcingRollout
+
+    torch.manual_seed(0)
+    model = WanModel(WanConfig.preset("tiny")).eval()
+    model.sequence_parallel = sp
+    text = torch.randn(1, 8, model.config.text_dim, generator=torch.Generator().manual_seed(1))
+    cfg = SelfForcingConfig(denoising_steps=(1000, 500), cache_frames=9, sink_frames=3)
+    trim = TokenTrimConfig(force="always", warmup=1)
+    r = SelfForcingRollout(model, cfg, trim=trim, position_limit=7)
+    res = r.run(text, 6, 4, 6, seed=3)
+    return {"latents": res.latents, "prune": [b.get("prune") for b in res.records],
+            "masked_tokens": [b.get("masked_tokens") for b in res.records], "rebases": len(r.positions.events),
+            "compacted": r.hook.compact_after_prune, "cache_heads": r.cache.num_heads}
 
 
 def main() -> int:
@@ -24,6 +48,10 @@ def main() -> int:
                 print(f"{name}: exchange {'all_to_all' if sp.all_to_all else 'all_gather'}", flush=True)
             code = max(code, cli.main(["rollout", "--sp", "2", *args, "--no-progress", "--trim-force", "always",
                                        "--trim-warmup", "1", "--out", os.path.join(out, f"{name}_sp")]))
+        os.environ.pop("TOKENTRIM_SP_EXCHANGE")
+        got = rebase_case(SequenceParallel())
+        if dist.get_rank() == 0:
+            torch.save(got, os.path.join(out, "rebase_sp.pt"))
     finally:
         dist.destroy_process_group()
     return code

@@ -130,9 +130,12 @@ def test_head_parallel_matches_single_process(tmp_path):
         "gather": ["--pipeline", "rolling-forcing", "--height", "4", "--width", "6", "--blocks", "3", "--seed", "2"],
     }
     proc = _torchrun([str(HERE / "_sp_driver.py"), str(tmp_path), json.dumps(runs)])
+    from _sp_driver import rebase_case
+
     with _one_thread():
         for name, args in runs.items():
             assert cli.main(["rollout", *args, *TRIM, "--out", str(tmp_path / f"{name}_one")]) == 0
+        rebase_ref = rebase_case(None)
     out, err = _finish(proc)
     assert proc.returncode == 0, err
     for name in runs:
@@ -140,11 +143,19 @@ def test_head_parallel_matches_single_process(tmp_path):
         assert sp.shape == ref.shape and torch.isfinite(sp).all()
         torch.testing.assert_close(sp, ref, atol=2e-4, rtol=1e-4)
         ref_t, sp_t = (json.loads((tmp_path / f"{name}{s}/telemetry.json").read_text()) for s in ("_one", "_sp"))
-        assert [b["prune"] for b in sp_t["blocks"]] == [b["prune"] for b in ref_t["blocks"]]
+        for key in ("prune", "masked_tokens"):  # the same decisions; persisting masks: the same compaction
+            assert [b.get(key) for b in sp_t["blocks"]] == [b.get(key) for b in ref_t["blocks"]], key
         assert any(b["prune"] and any(b["prune"]) for b in sp_t["blocks"])  # TokenTrim did act
         meta = sp_t["meta"]
         assert meta["sp"] == 2 and meta["cache_heads_per_rank"] == 1  # tiny: 2 heads, one per rank
     assert "exchange all_to_all" in out and "exchange all_gather" in out
+    # RoPE re-base of the per-rank (one-head) caches, with compaction after every prune
+    got = torch.load(tmp_path / "rebase_sp.pt", weights_only=True)
+    assert got["rebases"] == rebase_ref["rebases"] >= 2 and got["compacted"] and rebase_ref["compacted"]
+    assert got["cache_heads"] == 1 and rebase_ref["cache_heads"] == 2
+    assert got["prune"] == rebase_ref["prune"] and got["masked_tokens"] == rebase_ref["masked_tokens"]
+    assert sum(n[0] for n in got["masked_tokens"] if n) > 0
+    torch.testing.assert_close(got["latents"], rebase_ref["latents"], atol=2e-4, rtol=1e-4)
 
 
 def _status(out: Path, rank: int) -> dict | None:
@@ -169,7 +180,7 @@ def _wait(pred, proc, what, timeout=180):
 
 def test_killed_rank_leaves_the_finished_videos(tmp_path):
     out = tmp_path / "job"
-    proc = _torchrun(["-m", "tokentrim.cli", "rollout", "--num-videos", "4", "--blocks", "3", "--height", "4",
+    proc = _torchrun(["-m", "tokentrim", "rollout", "--num-videos", "4", "--blocks", "3", "--height", "4",
                       "--width", "4", "--no-progress", "--out", str(out)])
     # rank 1 makes videos 2, 3: freeze it on video 3, let rank 0 finish video 0, then kill rank 1
     s1 = _wait(lambda: (s := _status(out, 1)) and s["current"] == [3] and s, proc, "rank 1 on video 3")
@@ -202,3 +213,45 @@ def test_sp_argument_errors_come_before_any_work(tmp_path, capsys, argv, message
     assert e.value.code == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_dry_run_of_a_job_needs_no_torchrun_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "never"
+    assert cli.main(["rollout", "--sp", "2", "--dry-run", "--out", str(out)]) == 0
+    assert "memory estimate (cpu, per rank of --sp 2)" in capsys.readouterr().out
+    assert cli.main(["rollout", "--num-videos", "3", "--dry-run", "--out", str(out)]) == 0
+    assert "memory estimate (cpu)" in capsys.readouterr().out
+    assert not out.exists()
+
+
+def test_memory_estimate_per_head_parallel_rank():
+    from tokentrim.memory import estimate_rollout
+
+    kw = dict(height=60, width=104, num_blocks=7, dtype=torch.bfloat16, device="cuda")
+    one, four = estimate_rollout("wan2.1-t2v-1.3b", **kw), estimate_rollout("wan2.1-t2v-1.3b", sp=4, **kw)
+    assert four.weights == one.weights and four.text == one.text and four.latents == one.latents
+    assert one.kv_cache / 4 <= four.kv_cache < one.kv_cache / 4 * 1.01  # the cache of 3 of the 12 heads
+    assert four.activations < one.activations and four.details["sp"] == 4
+    with pytest.raises(ValueError, match="sp must be a positive divisor of the model's 12 heads"):
+        estimate_rollout("wan2.1-t2v-1.3b", sp=5, **kw)
+
+
+def test_summary_is_written_whole_when_sigterm_arrives_meanwhile(tmp_path, monkeypatch):
+    """torchrun SIGTERMs the ranks left right after one died; rank 0 may be writing the summary then."""
+    from tokentrim import distributed
+
+    job = distributed.DataParallelJob(distributed.DistContext(), 1, tmp_path / "ranks", tmp_path / "summary.json")
+    job.start(0)
+    job.finished(0, {"pixel_fps": 1.0})
+    summarise = job._summarise
+
+    def signalled(statuses):
+        os.kill(os.getpid(), signal.SIGTERM)  # delivered inside the summary
+        summarise(statuses)
+
+    monkeypatch.setattr(job, "_summarise", signalled)
+    with distributed.sigterm_as_interrupt():
+        code = job.close()
+    assert code == 0  # the signal came after this rank's (here: the only) exchange
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "complete" and [e["status"] for e in summary["videos"]] == ["done"]

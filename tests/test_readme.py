@@ -22,6 +22,8 @@ NOT_RUN = {
     r"^python -m pytest": "the test suite itself",
     r"^python bench/run\.py --device cuda": "needs a CUDA device",
     r"^tokentrim generate --model-dir": "needs the real Wan2.1 weights on disk",
+    r"^torchrun ": "starts several processes (GPUs, nodes); tests/test_distributed.py launches both modes with "
+                   "torchrun on 2 CPU processes (gloo)",
     r"^tokentrim eval videos/": "needs videos made by tokentrim generate (real weights); tests/test_eval.py runs "
                                 "the same flags (--split, --telemetry, --json, --png, two videos) on synthetic mp4s",
 }

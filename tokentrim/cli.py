@@ -295,9 +295,10 @@ def _check_limits(args, parser, rollout, model, trim) -> None:
     _check_patch(parser, model, trim)
 
 
-def _memory_check(args, parser, device, dtype, preset) -> bool:
+def _memory_check(args, parser, device, dtype, preset, keep_output: bool = False) -> bool:
     """Print the memory estimate before any work; refuse (exit 2) a run that would not fit. Returns
-    True for ``--dry-run`` (estimate printed, nothing else to do)."""
+    True for ``--dry-run`` (estimate printed, nothing else to do). With ``--sp N`` the estimate is
+    per rank (1/N of the KV cache); ``keep_output``: the run keeps every block (``rollout.run``)."""
     from tokentrim import memory
     from tokentrim.model import WanConfig
     from tokentrim.rollout import RollingForcingConfig, SelfForcingConfig
@@ -316,15 +317,17 @@ def _memory_check(args, parser, device, dtype, preset) -> bool:
             rc = RollingForcingConfig(sink_frames=args.sink_frames)
         est = memory.estimate_rollout(cfg, pipeline=args.pipeline, rollout_config=rc, batch=args.batch,
                                       height=args.height, width=args.width, num_blocks=args.blocks, dtype=dtype,
-                                      device=device.type, keep_output=False)
+                                      device=device.type, keep_output=keep_output, sp=getattr(args, "sp", 1))
     except (TypeError, ValueError):
         return False  # reported with its own message by the checks that follow
     print(est.format(), file=sys.stdout if args.dry_run else sys.stderr)
     if args.dry_run:
         return True
     try:
+        sp = getattr(args, "sp", 1)
         memory.check_fits(est, memory.cli_limit(args, device), f"--height {args.height} --width {args.width} "
-                                                               f"--batch {args.batch}")
+                                                               f"--batch {args.batch}" + (f" --sp {sp} (per rank)"
+                                                                                          if sp > 1 else ""))
     except (MemoryError, ValueError) as e:
         parser.error(str(e))
     return False

@@ -280,6 +280,27 @@ def sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, old)
 
 
+@contextmanager
+def _sigterm_deferred():
+    """SIGTERM (and Ctrl-C) are noted, not raised, inside the block: the summary is written whole
+    even when torchrun stops this rank right after a peer died. Yields a list that gets the
+    signal numbers seen."""
+    seen: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield seen
+        return
+
+    def handler(signum, frame):
+        seen.append(signum)
+
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield seen
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+
 class DataParallelJob:
     """This rank's share of a job of ``num_videos`` videos, its status file and the merged summary.
 
@@ -332,12 +353,18 @@ class DataParallelJob:
 
     # -------------------------------------------------------------------------------- end
     def close(self) -> int:
-        """Exchange, summarise (rank 0), return the exit code. Never raises for a lost peer."""
-        if self.status["state"] == "running":
-            self.status.update(state="done", current=None)
-            self._save()
-        statuses, lost = None, False
-        if self.status["state"] != "interrupted":
+        """Exchange, summarise (rank 0), return the exit code. Never raises for a lost peer.
+
+        Only the exchange itself can be interrupted (SIGTERM from torchrun, after a peer died:
+        the summary then comes from the status files); the status update before it and the
+        summary after it run to the end whatever signal arrives (noted: the exit code is 130
+        when this rank was interrupted before its exchange finished)."""
+        with _sigterm_deferred() as seen:
+            if self.status["state"] == "running":
+                self.status.update(state="done", current=None)
+                self._save()
+        statuses, lost = None, bool(seen)
+        if self.status["state"] != "interrupted" and not seen:
             try:
                 statuses = self.ctx.all_gather_object(self.status)
             except KeyboardInterrupt:  # torchrun stops the ranks left after one died
@@ -346,13 +373,14 @@ class DataParallelJob:
                 lost = True
                 print(f"tokentrim: rank {self.ctx.rank}: lost contact with the other ranks ({type(e).__name__}); "
                       "summarising from the status files", file=sys.stderr)
-        if statuses is None:
-            statuses = self._read_statuses()
-        failures = [s for s in statuses if s["state"] != "done"]
-        if self.ctx.is_main:
-            self._summarise(statuses)
-            for s in failures:
-                print(f"tokentrim: {self._describe(s)}", file=sys.stderr)
+        with _sigterm_deferred():
+            if statuses is None:
+                statuses = self._read_statuses()
+            failures = [s for s in statuses if s["state"] != "done"]
+            if self.ctx.is_main:
+                self._summarise(statuses)
+                for s in failures:
+                    print(f"tokentrim: {self._describe(s)}", file=sys.stderr)
         if self.status["state"] == "interrupted":
             return 130
         return 1 if failures or lost else 0

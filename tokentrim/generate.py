@@ -528,7 +528,7 @@ def _run(args, on_block) -> int:
     args._schedule = _read_schedule(args, num_blocks)
     prompts = read_prompts(args)
     paths = _output_paths(Path(args.out), len(prompts))
-    if not distributed.launched():
+    if not distributed.launched() or args.dry_run:  # a dry run prints the estimate, joins no job
         return _run_share(args, on_block, None, num_blocks, device, dtype, prompts, paths)
     # torchrun: data parallel, this rank makes its contiguous share of the prompts
     ctx = distributed.init(device.type)
@@ -596,6 +596,8 @@ def _memory_check(args, model_dir, num_blocks, device, dtype, num_prompts) -> bo
 def _load_and_generate(args, on_block, model_dir, prompts, paths, trim_cfg, num_blocks, device, dtype,
                        job=None, mine=None) -> int:
     mine = range(len(prompts)) if mine is None else mine
+    if job is not None and not mine:  # more ranks than prompts: nothing to load, only the summary to join
+        return _run_job(job, None, None, [], [], prompts, paths, args, trim_cfg, num_blocks, on_block, {})
     source = str(args.checkpoint or model_dir / "transformer")
     model = load_transformer(args, model_dir, device, dtype)
     encoder = load_text_encoder(model_dir, device, dtype, model.config.text_len)

@@ -109,7 +109,8 @@ class MemoryEstimate:
         rows = [("transformer weights", self.weights), ("KV cache", self.kv_cache), ("prompt contexts", self.text),
                 ("latents", self.latents), ("activations (peak forward)", self.activations),
                 ("VAE (weights + block decode)", self.vae), ("runtime overhead", self.runtime)]
-        lines = [f"memory estimate ({self.device}):"]
+        sp = self.details.get("sp", 1)
+        lines = [f"memory estimate ({self.device}{f', per rank of --sp {sp}' if sp > 1 else ''}):"]
         lines += [f"  {name:<30} {format_bytes(v):>12}" for name, v in rows if v]
         if self.text_encoder:
             lines.append(f"  {'text encoder (freed before)':<30} {format_bytes(self.text_encoder):>12}")
@@ -151,7 +152,7 @@ def _is_cpu_reference(device: str, attention_backend: str) -> bool:
 def estimate_rollout(config, *, pipeline: str = "self-forcing", rollout_config=None, batch: int = 1,
                      height: int, width: int, num_blocks: int, dtype: torch.dtype = torch.bfloat16,
                      device: str = "cuda", num_prompts: int = 1, keep_output: bool = True,
-                     attention_backend: str = "auto") -> MemoryEstimate:
+                     attention_backend: str = "auto", sp: int = 1) -> MemoryEstimate:
     """Estimate a ``tokentrim rollout`` (or ``rollout.run``) run.
 
     Args:
@@ -164,18 +165,25 @@ def estimate_rollout(config, *, pipeline: str = "self-forcing", rollout_config=N
             False for a streamed run (``iter_blocks``, ``tokentrim generate``).
         attention_backend: the model's ``attention_backend`` ("auto": Triton on CUDA, the
             reference on the CPU).
+        sp: head-parallel ranks (``rollout --sp N``): the estimate is then PER RANK. Each rank
+            holds the whole model, the prompt contexts and the full latents, but the KV cache of
+            H/N heads, the layer activations of ceil(S/N) tokens of each frame, attention over its
+            H/N heads, plus the exchange buffers (q/k/v/raw-k sent, received and reassembled, fp32
+            bound). Must divide the model's heads.
     """
     from tokentrim.model import WanConfig
     from tokentrim.rollout import RollingForcingConfig, SelfForcingConfig
 
     cfg = WanConfig.resolve(config)
     device = torch.device(device).type
+    if isinstance(sp, bool) or not isinstance(sp, int) or sp < 1 or cfg.num_heads % sp:
+        raise ValueError(f"sp must be a positive divisor of the model's {cfg.num_heads} heads, got {sp!r}")
     if pipeline not in ("self-forcing", "rolling-forcing"):
         raise ValueError(f"pipeline must be 'self-forcing' or 'rolling-forcing', got {pipeline!r}")
     rc = rollout_config or (SelfForcingConfig() if pipeline == "self-forcing" else RollingForcingConfig())
     tpf = cfg.tokens_per_frame(height, width)
     elem = _elem(dtype)
-    d, f, L, H, hd = cfg.dim, cfg.ffn_dim, cfg.num_layers, cfg.num_heads, cfg.head_dim
+    d, f, L, H, hd = cfg.dim, cfg.ffn_dim, cfg.num_layers, cfg.num_heads // sp, cfg.head_dim
     bf = rc.block_frames
     total = num_blocks * bf
     est = MemoryEstimate(device=device, runtime=RUNTIME_CUDA if device == "cuda" else RUNTIME_CPU)
@@ -199,15 +207,22 @@ def estimate_rollout(config, *, pipeline: str = "self-forcing", rollout_config=N
     block_lat = batch * cfg.in_dim * height * width * 4
     est.latents = in_flight * block_lat + (2 * total * block_lat if keep_output else 0)
     est.text = num_prompts * (L * 2 * batch * cfg.text_len * d * elem + batch * cfg.text_len * cfg.text_dim * 4)
-    act = _forward_act(batch, T, Lk, d, f, elem, copies)
+    if sp == 1:
+        act = _forward_act(batch, T, Lk, d, f, elem, copies)
+    else:  # this rank's tokens through the layers; all tokens of its heads through the attention
+        Tl = T // tpf * -(-tpf // sp)
+        act = _forward_act(batch, Tl, 0, d, f, elem, 0) + int(copies * batch * Lk * (d // sp) * 4)
+        act += 3 * 4 * batch * T * (d // sp) * 4  # exchange: q/k/v/raw-k sent, received, reassembled
     evict = 0
     if cpu_ref and total > frames:
         # the reference compaction copies one video's surviving K/V of all layers; the CPU
         # allocator keeps that memory resident, so later forwards add to it
-        evict = L * 2 * (frames - rc.sink_frames) * tpf * d * elem
+        evict = L * 2 * (frames - rc.sink_frames) * tpf * (d // sp) * elem
     est.activations = act + evict
     est.details = {"pipeline": pipeline, "tokens_per_frame": tpf, "query_tokens": T, "cache_frames": frames,
                    "latent_frames": total, "dtype": str(dtype).replace("torch.", "")}
+    if sp > 1:
+        est.details["sp"] = sp
     return est
 
 

@@ -30,7 +30,8 @@ def _check_sp(args, parser, num_heads: int, where: str) -> None:
 
 
 def _check(args, parser, preset):
-    """Every check that needs no model weights and no process group (before any work)."""
+    """Every check that needs no model weights and no process group (before any work). A
+    ``--dry-run`` (memory estimate only, per rank with --sp) needs no torchrun and writes nothing."""
     from tokentrim.model import WanConfig
 
     world = distributed.env_world_size()
@@ -41,32 +42,45 @@ def _check(args, parser, preset):
             parser.error("--sp runs one job of --batch videos together; it cannot be combined with --num-videos")
         if args.graphs:
             parser.error("--sp cannot be combined with --graphs (collectives are not captured)")
-        if world != args.sp:
+        if world != args.sp and not args.dry_run:
             parser.error(f"--sp {args.sp} needs {args.sp} processes, one per head group: launch with "
                          f"torchrun --nproc_per_node {args.sp} (WORLD_SIZE is {world})")
     from tokentrim.safeio import check_output_dir
 
     try:
-        check_output_dir(args.out, "--out")
+        if not args.dry_run:
+            check_output_dir(args.out, "--out")
     except ValueError as e:
         parser.error(str(e))
 
 
 def run_rollout_job(args) -> int:
     """``tokentrim rollout`` with ``--num-videos``/``--sp`` or under torchrun; returns the exit code."""
-    from tokentrim.cli import _build_model, _check_limits, _make_rollout, _resolve, _text_embeddings
+    from tokentrim.cli import (
+        _build_model,
+        _check_limits,
+        _make_rollout,
+        _memory_check,
+        _resolve,
+        _text_embeddings,
+    )
 
     parser = args._parser
     if args.sp > 1:  # first of all, before _resolve creates --out: the preset _resolve would pick
         cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
         _check(args, parser, args.preset or ("wan2.1-t2v-1.3b" if cuda else "tiny"))
-    _, dtype, preset, trim = _resolve(args, parser)
+    device, dtype, preset, trim = _resolve(args, parser)
     _check(args, parser, preset)
+    # the estimate (per rank with --sp; every block is kept: rollout.run), before any work
+    if args.dry_run and _memory_check(args, parser, device, dtype, preset, keep_output=True):
+        return 0
     try:
         ctx = distributed.init(args.device, tensors=args.sp > 1)
     except ValueError as e:
         parser.error(str(e))
     try:
+        if not args.dry_run:  # against the free memory of this rank's own device
+            _memory_check(args, parser, ctx.device, dtype, preset, keep_output=True)
         model = _build_model(args, parser, ctx.device, dtype, preset)
         cfg = model.config
         _check_sp(args, parser, cfg.num_heads, "from --checkpoint")
