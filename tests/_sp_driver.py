@@ -16,9 +16,10 @@ from tokentrim.distributed import SequenceParallel
 
 
 def rebase_case(sp) -> dict:
-    """Self Forcing on the tiny model with a 7-position RoPE limit (re-bases every few blocks) and
-    TokenTrim forced on every block (persisting masks: the cache compacts pruned tokens), with
-    ``model.sequence_parallel = sp`` (None = one process). Returns what the test compares."""
+    """Self Forcing on the tiny model with a 7-position RoPE limit (re-bases every few blocks),
+    TokenTrim forced on every block (persisting masks: the cache compacts pruned tokens) and a
+    prompt switch at block 3 with a re-cache (kv-only forwards), with ``model.sequence_parallel =
+    sp`` (None = one process). Returns what the test compares."""
     from tokentrim.config import TokenTrimConfig
     from tokentrim.model import WanConfig, WanModel
     from tokentrim.rollout import SelfForcingConfig, SelfForcingRollout
@@ -30,8 +31,10 @@ def rebase_case(sp) -> dict:
     cfg = SelfForcingConfig(denoising_steps=(1000, 500), cache_frames=9, sink_frames=3)
     trim = TokenTrimConfig(force="always", warmup=1)
     r = SelfForcingRollout(model, cfg, trim=trim, position_limit=7)
-    res = r.run(text, 6, 4, 6, seed=3)
+    text2 = torch.randn(1, 8, model.config.text_dim, generator=torch.Generator().manual_seed(2))
+    res = r.run(text, 6, 4, 6, seed=3, prompts=[(3, text2)], recache=True)
     return {"latents": res.latents, "prune": [b.get("prune") for b in res.records],
+            "recached": [b.get("recached") for b in res.records],
             "masked_tokens": [b.get("masked_tokens") for b in res.records], "rebases": len(r.positions.events),
             "compacted": r.hook.compact_after_prune, "cache_heads": r.cache.num_heads}
 
