@@ -22,8 +22,9 @@ Triton kernel keeps no [T, Lk] state. On the CPU the reference compaction copies
 all layers when frames are evicted, and the allocator keeps it resident (counted on top). The factors were fitted to CPU peaks measured here (tiny and
 small presets, 16x16 to 48x48 latents, both pipelines). ``runtime`` is what the framework itself
 holds: about 1 MiB of CPU allocator state here; on CUDA a context + cuBLAS workspace of about 600 MiB is assumed
-(not measured in this repository). Accuracy: within 20% of the measured CPU peak for the tiny and
-small presets (tests/test_memory.py); the CUDA figures are a prediction.
+(not measured in this repository). Accuracy: within 25% of the measured CPU RSS peak for the tiny
+and small presets (tests/test_memory.py; at these 10-40 MB sizes the peak itself moves by about 10%
+between identical runs); the CUDA figures are a prediction.
 """
 
 from __future__ import annotations
