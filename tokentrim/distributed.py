@@ -25,15 +25,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
-import threading
 import time
-from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
 import torch
+
+from tokentrim.safeio import atomic_write_text, deferred_signals, sigterm_as_interrupt  # noqa: F401 (re-exported)
 
 __all__ = ["DataParallelJob", "DistContext", "SequenceParallel", "contiguous_share", "init", "launched"]
 
@@ -258,47 +257,7 @@ class SequenceParallel:
 
 # ----------------------------------------------------------------------------- data parallel
 def _write_json(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, path)
-
-
-@contextmanager
-def sigterm_as_interrupt():
-    """SIGTERM (torchrun stopping the ranks after one failed, a scheduler) -> KeyboardInterrupt."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    old = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
-
-
-@contextmanager
-def _sigterm_deferred():
-    """SIGTERM (and Ctrl-C) are noted, not raised, inside the block: the summary is written whole
-    even when torchrun stops this rank right after a peer died. Yields a list that gets the
-    signal numbers seen."""
-    seen: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield seen
-        return
-
-    def handler(signum, frame):
-        seen.append(signum)
-
-    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield seen
-    finally:
-        for sig, h in old.items():
-            signal.signal(sig, h)
+    atomic_write_text(path, json.dumps(data, indent=1, default=str))
 
 
 class DataParallelJob:
@@ -359,11 +318,12 @@ class DataParallelJob:
         the summary then comes from the status files); the status update before it and the
         summary after it run to the end whatever signal arrives (noted: the exit code is 130
         when this rank was interrupted before its exchange finished)."""
-        with _sigterm_deferred() as seen:
+        with deferred_signals() as held:
             if self.status["state"] == "running":
                 self.status.update(state="done", current=None)
                 self._save()
-        statuses, lost = None, bool(seen)
+        seen = held.received is not None
+        statuses, lost = None, seen
         if self.status["state"] != "interrupted" and not seen:
             try:
                 statuses = self.ctx.all_gather_object(self.status)
@@ -373,7 +333,7 @@ class DataParallelJob:
                 lost = True
                 print(f"tokentrim: rank {self.ctx.rank}: lost contact with the other ranks ({type(e).__name__}); "
                       "summarising from the status files", file=sys.stderr)
-        with _sigterm_deferred():
+        with deferred_signals():
             if statuses is None:
                 statuses = self._read_statuses()
             failures = [s for s in statuses if s["state"] != "done"]
