@@ -1,8 +1,12 @@
 """Run by tests/test_distributed.py under torchrun: several ``tokentrim rollout --sp 2`` jobs in one
 launch (one process group), the first through all_to_all, the others through the all_gather
 fallback, then ``rebase_case`` (RoPE re-base + cache compaction, through the Python API).
-argv: OUT_DIR JSON({name: [rollout args]}); each writes OUT_DIR/<name>_sp, the re-base case
-OUT_DIR/rebase_sp.pt."""
+argv: OUT_DIR JSON({name: [rollout args]}) [JSON(generate argv)]; each rollout writes
+OUT_DIR/<name>_sp, the re-base case OUT_DIR/rebase_sp.pt; the generate argv (``--sp 2`` included)
+runs next, with ``{rank}`` in it replaced by the rank (its ``--out``: only rank 0 may write);
+then rank 0 writes OUT_DIR/ok.json (the exit code so far) and the failure case runs: the same
+generate argv (``{rank}`` -> "fail"), rank 1 raising after its block 1 (the job then ends with
+that rank's failure, as a crashed rank would end it)."""
 
 import json
 import os
@@ -39,6 +43,20 @@ def rebase_case(sp) -> dict:
             "compacted": r.hook.compact_after_prune, "cache_heads": r.cache.num_heads}
 
 
+def failing_generate(argv) -> int:
+    import argparse
+
+    from tokentrim import generate
+
+    def fail(index):
+        if index == 1:
+            raise RuntimeError("injected failure after block 1")
+
+    parser = argparse.ArgumentParser()
+    generate.add_parser(parser.add_subparsers())
+    return generate.run_generate(parser.parse_args(argv), on_block=fail if dist.get_rank() == 1 else None)
+
+
 def main() -> int:
     out, runs = sys.argv[1], json.loads(sys.argv[2])
     dist.init_process_group("gloo")
@@ -55,6 +73,14 @@ def main() -> int:
         got = rebase_case(SequenceParallel())
         if dist.get_rank() == 0:
             torch.save(got, os.path.join(out, "rebase_sp.pt"))
+        if len(sys.argv) > 3:
+            rank = str(dist.get_rank())
+            code = max(code, cli.main([a.replace("{rank}", rank) for a in json.loads(sys.argv[3])]))
+            if dist.get_rank() == 0:
+                with open(os.path.join(out, "ok.json"), "w") as f:
+                    json.dump(code, f)
+            dist.barrier()
+            code = max(code, failing_generate([a.replace("{rank}", "fail") for a in json.loads(sys.argv[3])]))
     finally:
         dist.destroy_process_group()
     return code

@@ -1,7 +1,7 @@
 """torchrun jobs on the CPU (gloo, 2 processes, tiny model), each launched by the test itself.
 
 Three launches in all (torchrun start-up costs seconds): data parallel, head parallel (both
-exchanges in one launch, tests/_sp_driver.py), a rank killed mid-job. The references are the
+exchanges and ``generate --sp 2`` in one launch, tests/_sp_driver.py), a rank killed mid-job. The references are the
 same commands in this process, on one thread (torchrun workers run with OMP_NUM_THREADS=1).
 """
 
@@ -129,15 +129,35 @@ def test_head_parallel_matches_single_process(tmp_path):
         "a2a": ["--height", "6", "--width", "6", "--batch", "2", "--blocks", "3", "--seed", "1"],
         "gather": ["--pipeline", "rolling-forcing", "--height", "4", "--width", "6", "--blocks", "3", "--seed", "2"],
     }
-    proc = _torchrun([str(HERE / "_sp_driver.py"), str(tmp_path), json.dumps(runs)])
+    # and generate --sp 2 (tiny Diffusers folder, 2 heads; --compare: both panels' rollouts run
+    # over the ranks in lockstep), each rank with its own --out: only rank 0 may write
+    from _video_fixtures import build_tiny_wan_folder
+
+    wan = build_tiny_wan_folder(tmp_path / "wan")
+    gen = ["generate", "--model-dir", str(wan), "--prompt", "a red ball rolls", "--height", "32", "--width", "48",
+           "--blocks", "3", "--seed", "4", "--compare", "--crf", "0", *TRIM]
+    gen_sp = [*gen, "--sp", "2", "--out", str(tmp_path / "gen_sp{rank}" / "v.mp4")]
+    proc = _torchrun([str(HERE / "_sp_driver.py"), str(tmp_path), json.dumps(runs), json.dumps(gen_sp)])
     from _sp_driver import rebase_case
 
     with _one_thread():
         for name, args in runs.items():
             assert cli.main(["rollout", *args, *TRIM, "--out", str(tmp_path / f"{name}_one")]) == 0
         rebase_ref = rebase_case(None)
+        assert cli.main([*gen, "--out", str(tmp_path / "gen_one" / "v.mp4")]) == 0
     out, err = _finish(proc)
-    assert proc.returncode == 0, err
+    assert json.loads((tmp_path / "ok.json").read_text()) == 0, err  # every case before the failure passed
+    _check_generate_sp(tmp_path / "gen_sp0", tmp_path / "gen_one")
+    assert not (tmp_path / "gen_sp1").exists()  # rank 1 wrote nothing
+    # the failure case: rank 1 failed after block 1; rank 0 (its peer gone, or torchrun's SIGTERM)
+    # kept its finished blocks in a final mp4 + telemetry, and the job ended (non-zero), no hang
+    assert proc.returncode != 0
+    assert "rank 1 failed: RuntimeError: injected failure after block 1" in err
+    fail = tmp_path / "gen_spfail"
+    assert sorted(p.name for p in fail.iterdir()) == ["v.json", "v.mp4", "v.png"]
+    meta = json.loads((fail / "v.json").read_text())["meta"]
+    assert meta["status"] != "complete" and meta["blocks_written"] in (1, 2)  # a SIGTERM may cut block 2
+    assert _decode(fail / "v.mp4").shape[0] == meta["pixel_frames"] == 12 * meta["blocks_written"] - 3
     for name in runs:
         ref, sp = _load(tmp_path / f"{name}_one/latents.pt"), _load(tmp_path / f"{name}_sp/latents.pt")
         assert sp.shape == ref.shape and torch.isfinite(sp).all()
@@ -157,6 +177,50 @@ def test_head_parallel_matches_single_process(tmp_path):
     assert got["prune"] == rebase_ref["prune"] and got["masked_tokens"] == rebase_ref["masked_tokens"]
     assert sum(n[0] for n in got["masked_tokens"] if n) > 0
     torch.testing.assert_close(got["latents"], rebase_ref["latents"], atol=2e-4, rtol=1e-4)
+
+
+def _check_generate_sp(sp: Path, one: Path) -> None:
+    """generate --sp 2 against one process: the same TokenTrim decisions (exact) and the same frames
+    within 2 levels of 255. Why a bound: the ranks compute their token shards (matmuls of other
+    shapes, so other BLAS blockings) and gather them, so latents may differ in the last float bits
+    (the rollout test above bounds them at 2e-4), and the VAE + uint8 rounding can turn such a
+    difference into one level now and then (0 was seen here; --crf 0 keeps x264 out of it)."""
+    assert sorted(p.name for p in sp.iterdir()) == ["v.json", "v.mp4", "v.png"]  # no partial or lock file
+    ref_t, sp_t = (json.loads((d / "v.json").read_text()) for d in (one, sp))
+    assert sp_t["meta"]["status"] == "complete" and sp_t["meta"]["sp"] == 2
+    for key in ("prune", "unstable_idx", "masked_tokens"):
+        assert [b.get(key) for b in sp_t["blocks"]] == [b.get(key) for b in ref_t["blocks"]], key
+    assert any(b["prune"] and b["prune"][0] for b in sp_t["blocks"])  # TokenTrim did act
+    a, b = _decode(sp / "v.mp4"), _decode(one / "v.mp4")
+    assert a.shape == b.shape == (33, 32, 96, 3)  # 3 blocks, two panels side by side
+    assert (a.int() - b.int()).abs().max() <= 2
+
+
+def test_generate_sp_errors_come_before_any_work(tmp_path, capsys):
+    from _video_fixtures import build_tiny_wan_folder
+
+    wan = build_tiny_wan_folder(tmp_path / "wan")
+    capsys.readouterr()  # the builder's progress bars
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("one\ntwo\n")
+    out = tmp_path / "never" / "v.mp4"
+    base = ["generate", "--model-dir", str(wan), "--height", "32", "--width", "48", "--blocks", "1",
+            "--no-progress", "--out", str(out)]
+    cases = [
+        (["--prompt", "x", "--sp", "3"], "--sp 3 must divide the transformer's 2 attention heads; use one of 1, 2"),
+        (["--prompt", "x", "--sp", "2"], "--sp 2 needs 2 processes, one per head group: launch with torchrun "
+                                         "--nproc_per_node 2 -m tokentrim generate"),
+        (["--prompts", str(prompts), "--sp", "2"], "--prompts has 2 prompts for --batch-size 1"),
+        (["--prompt", "x", "--sp", "2", "--cuda-graphs"], "--sp cannot be combined with --cuda-graphs"),
+    ]
+    for argv, message in cases:
+        assert cli.main([*base, *argv]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+        assert not out.parent.exists()
+    assert cli.main([*base, "--prompt", "x", "--sp", "2", "--dry-run"]) == 0  # per-rank estimate, no torchrun
+    assert "memory estimate (cpu, per rank of --sp 2)" in capsys.readouterr().out
+    assert not out.parent.exists()
 
 
 def _status(out: Path, rank: int) -> dict | None:

@@ -86,6 +86,17 @@ class DistContext:
         dist.all_gather_object(out, obj, group=self.control)
         return out
 
+    def broadcast_object(self, obj):
+        """Rank 0's ``obj`` on every rank (others pass anything, e.g. None). Host-side, over the gloo
+        control group; tensors inside should be on the CPU."""
+        if self.world == 1:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj if self.is_main else None]
+        dist.broadcast_object_list(box, src=0, group=self.control)
+        return box[0]
+
     def close(self) -> None:
         if self.initialized:
             import torch.distributed as dist

@@ -6,6 +6,10 @@ block by block: each accepted block is decoded causally by the VAE and its frame
 the mp4 at once. Whatever ends the run (done, Ctrl-C, SIGTERM, an exception, out of memory), every
 finished block is in a playable mp4 and in the telemetry JSON/PNG written beside it.
 
+Under torchrun: ``--prompts`` alone is data parallel (each rank its contiguous share of the prompts);
+``--sp N`` is head parallel for one job (``_run_sp``: every rank runs the rollout with 1/N of the
+heads, rank 0 alone encodes, decodes and writes).
+
 Frame counts: a rollout of n blocks of 3 latent frames decodes to 1 + 4*(3n - 1) = 12n - 3 pixel
 frames at 16 fps (9 for the first block, 12 for each later one).
 """
@@ -110,6 +114,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="output mp4; with several prompts: <stem>_000.mp4, <stem>_001.mp4, ...")
     p.add_argument("--crf", type=int, default=18, help="H.264 quality: 0 lossless, 18 visually lossless, 23 x264's default")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--sp", type=int, default=1, metavar="N",
+                   help="head (Ulysses) parallel over N ranks for one job: launch with torchrun --nproc_per_node N; "
+                        "N must divide the transformer's attention heads")
     from tokentrim.memory import add_cli_arguments
 
     add_cli_arguments(p)
@@ -427,13 +434,19 @@ def _overlay_frames(frames, record: dict, b: int, grid_w: int, cell: tuple[int, 
 
 
 def generate_batch(model, vae, text, prompts, paths, args, trim_cfg, num_blocks, on_block=None,
-                   base_meta=None, video_offset: int = 0) -> tuple[str, list[VideoOutput]]:
+                   base_meta=None, video_offset: int = 0, sp=None,
+                   collect: list | None = None) -> tuple[str, list[VideoOutput]]:
     """Run the rollout(s) for one batch of prompts and stream every video to its mp4.
 
     text: [B, Lt, text_dim] prompt embeddings; video_offset: the job index of the batch's first
     prompt (its noise is that of (seed, index)). Returns (status, outputs); status is "complete" or
     "interrupted". Exceptions other than KeyboardInterrupt propagate after every output has been
-    finalised with its finished blocks.
+    finalised with its finished blocks (``collect``, when given, receives the outputs first).
+
+    Head parallel (``sp``: the DistContext, ``model.sequence_parallel`` set): every rank runs the
+    same rollout; ``vae=None`` on the ranks that write nothing (no outputs). After each block the
+    ranks' TokenTrim decisions are all-gathered (host, gloo) and compared: a difference raises
+    RuntimeError on every rank at the same block, before rank 0 writes it.
     """
     from tqdm import tqdm
 
@@ -449,14 +462,19 @@ def generate_batch(model, vae, text, prompts, paths, args, trim_cfg, num_blocks,
                   (make_rollout(args.pipeline, model, trim_cfg, args.cuda_graphs, args.compile), True)]
     else:
         panels = [(make_rollout(args.pipeline, model, trim_cfg if args.trim else None, args.cuda_graphs, args.compile), args.trim)]
-    outputs = [VideoOutput(p, prompt, args.overlay, FPS, args.crf, base_meta) for p, prompt in zip(paths, prompts)]
-    streams = [[vae.streaming_decoder() for _ in panels] for _ in range(B)]
+    write = vae is not None
+    outputs = [VideoOutput(p, prompt, args.overlay, FPS, args.crf, base_meta)
+               for p, prompt in zip(paths, prompts)] if write else []
+    if collect is not None:
+        collect.extend(outputs)
+    streams = [[vae.streaming_decoder() for _ in panels] for _ in range(B)] if write else []
     switches = getattr(args, "_switches", None)
     extra = {} if not switches else dict(prompts=switches, recache=args.recache, reset_trim=args.trim_reset_on_switch)
     gens = [r.iter_blocks(text, num_blocks, lat_h, lat_w, seed=args.seed, video_offset=video_offset, **extra)
             for r, _ in panels]
     status, error = "complete", None
-    bar = tqdm(total=num_blocks, unit="block", desc=args.pipeline, disable=args.no_progress, file=sys.stderr)
+    bar = tqdm(total=num_blocks, unit="block", desc=args.pipeline, file=sys.stderr,
+               disable=args.no_progress or (sp is not None and not sp.is_main))
     t0, frames_done = time.perf_counter(), 0
     try:
         with sigterm_as_interrupt():
@@ -466,7 +484,9 @@ def generate_batch(model, vae, text, prompts, paths, args, trim_cfg, num_blocks,
                 record = dict(outs[trim_pos].record)
                 if args.compare:
                     record["baseline_time_s"] = outs[0].record.get("time_s")
-                for b in range(B):
+                if sp is not None:
+                    _check_same_decisions(sp, [out.record for out in outs], index)
+                for b in range(len(outputs)):
                     frames = [_panel_frames(streams[b][i], out, b) for i, out in enumerate(outs)]
                     over = None
                     if args.overlay:
@@ -474,7 +494,7 @@ def generate_batch(model, vae, text, prompts, paths, args, trim_cfg, num_blocks,
                                 for i, (f, out) in enumerate(zip(frames, outs))]
                         over = torch.cat(over, dim=2)
                     outputs[b].write_block(torch.cat(frames, dim=2), over, _video_record(record, b))
-                frames_done = outputs[0].writer.frames_written
+                frames_done = outputs[0].writer.frames_written if outputs else 0
                 elapsed = time.perf_counter() - t0
                 post = {"fps": f"{frames_done * B / elapsed:.2f}"}
                 if record.get("prune") is not None:
@@ -504,6 +524,16 @@ def generate_batch(model, vae, text, prompts, paths, args, trim_cfg, num_blocks,
     return status, outputs
 
 
+_DECISION_KEYS = ("prune", "unstable_idx", "regenerations", "masked_tokens", "recached")
+
+
+def _check_same_decisions(sp, records: list[dict], index: int) -> None:
+    """--sp: the TokenTrim decisions of this block (every panel) must be the same on every rank."""
+    mine = [[r.get(k) for k in _DECISION_KEYS] for r in records]
+    if any(d != mine for d in sp.all_gather_object(mine)):
+        raise RuntimeError(f"TokenTrim decisions differ across the --sp ranks at block {index}")
+
+
 # ------------------------------------------------------------------------------------------ run
 def run_generate(args, on_block=None) -> int:
     """Entry point of ``tokentrim generate``. Returns the exit code: 0 done, 2 usage error (message
@@ -513,6 +543,8 @@ def run_generate(args, on_block=None) -> int:
 
     try:
         return _run(args, on_block)
+    except _PeerStopped:  # --sp: another rank's error, printed by that rank and rank 0
+        return EXIT_USAGE
     except (GenerateError, ModelFolderError) as e:
         print(f"tokentrim generate: error: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -528,6 +560,13 @@ def _run(args, on_block) -> int:
     args._schedule = _read_schedule(args, num_blocks)
     prompts = read_prompts(args)
     paths = _output_paths(Path(args.out), len(prompts))
+    _check_sp(args, prompts)
+    if args.sp > 1 and not args.dry_run:  # head parallel: one job over WORLD_SIZE == --sp ranks
+        ctx = distributed.init(device.type, tensors=True)
+        try:
+            return _run_sp(args, on_block, ctx, num_blocks, dtype, prompts, paths)
+        finally:
+            ctx.close()
     if not distributed.launched() or args.dry_run:  # a dry run prints the estimate, joins no job
         return _run_share(args, on_block, None, num_blocks, device, dtype, prompts, paths)
     # torchrun: data parallel, this rank makes its contiguous share of the prompts
@@ -567,7 +606,7 @@ def _run_share(args, on_block, job, num_blocks, device, dtype, prompts, paths) -
                                   job, mine)
 
 
-def _memory_check(args, model_dir, num_blocks, device, dtype, num_prompts) -> bool:
+def _memory_check(args, model_dir, num_blocks, device, dtype, num_prompts, show: bool = True) -> bool:
     """Print the memory estimate (from the folder's config files, before loading anything) and refuse
     a run that would not fit, with the numbers. Returns True for ``--dry-run``."""
     from tokentrim import memory
@@ -580,10 +619,11 @@ def _memory_check(args, model_dir, num_blocks, device, dtype, num_prompts) -> bo
                                        num_blocks=num_blocks, batch=min(args.batch_size, num_prompts), dtype=dtype,
                                        num_prompts=len(getattr(args, "_schedule", None) or [None]),
                                        device=device.type, checkpoint_config=config,
-                                       panels=2 if args.compare else 1)
+                                       panels=2 if args.compare else 1, sp=args.sp)
     except (ValueError, TypeError) as e:
         raise GenerateError(f"cannot estimate the memory of this run: {e}") from None
-    print(est.format(), file=sys.stdout if args.dry_run else sys.stderr)
+    if show:
+        print(est.format(), file=sys.stdout if args.dry_run else sys.stderr)
     if args.dry_run:
         return True
     try:
@@ -663,6 +703,159 @@ def _run_job(job, model, vae, texts, starts, prompts, paths, args, trim_cfg, num
         except KeyboardInterrupt:
             job.interrupted()
         return job.close()
+
+
+# ------------------------------------------------------------------------------- head parallel
+class _PeerStopped(GenerateError):
+    """--sp: this rank stops because another rank's check or load failed (that rank reports it)."""
+
+
+def _check_sp(args, prompts: list[str]) -> None:
+    """``--sp N``: every check that needs no weights and no process group, before any work: N
+    divides the transformer's heads (from the folder's config files), one job (a single --prompt,
+    --prompt-schedule, or --prompts of at most --batch-size prompts), no --cuda-graphs/--compile,
+    and WORLD_SIZE == N (except --dry-run, which prints the per-rank estimate)."""
+    from tokentrim import distributed
+    from tokentrim.video import check_model_dir
+
+    if args.sp < 1:
+        raise GenerateError(f"--sp must be >= 1, got {args.sp}")
+    if args.sp == 1:
+        return
+    if args.cuda_graphs:
+        raise GenerateError("--sp cannot be combined with --cuda-graphs (the collectives are not captured)")
+    if args.compile:
+        raise GenerateError("--sp cannot be combined with --compile (the exchange is not traced into the "
+                            "compiled forward)")
+    if len(prompts) > args.batch_size:
+        raise GenerateError(f"--sp runs one job of at most --batch-size videos together, but --prompts has "
+                            f"{len(prompts)} prompts for --batch-size {args.batch_size}: raise --batch-size, or "
+                            f"drop --sp (under torchrun, --prompts alone is data parallel)")
+    model_dir = check_model_dir(args.model_dir, need_transformer=args.checkpoint is None)
+    cfg = _model_config(args, model_dir)
+    if cfg is not None:
+        _check_heads(args.sp, cfg.num_heads)
+    world = distributed.env_world_size()
+    if world != args.sp and not args.dry_run:
+        raise GenerateError(f"--sp {args.sp} needs {args.sp} processes, one per head group: launch with "
+                            f"torchrun --nproc_per_node {args.sp} -m tokentrim generate ... (WORLD_SIZE is {world})")
+
+
+def _check_heads(sp: int, num_heads: int) -> None:
+    if num_heads % sp:
+        ok = ", ".join(str(n) for n in range(1, num_heads + 1) if num_heads % n == 0)
+        raise GenerateError(f"--sp {sp} must divide the transformer's {num_heads} attention heads; use one of {ok}")
+
+
+def _fingerprint(model) -> list[float]:
+    """Per-parameter float64 sums (one host sync): tells whether every rank loaded the same weights."""
+    with torch.no_grad():
+        return torch.stack([p.detach().sum(dtype=torch.float64) for p in model.parameters()]).cpu().tolist()
+
+
+def _agree(ctx, error: str | None, extra=None) -> list:
+    """Every rank's (error, extra); when any rank failed, every rank stops here (exit 2): the failed
+    ranks and rank 0 print the message, the others stop quietly. Returns the extras."""
+    got = ctx.all_gather_object((error, extra))
+    failed = [(r, e) for r, (e, _) in enumerate(got) if e is not None]
+    if failed:
+        r, e = failed[0]
+        if error is not None:
+            raise GenerateError(f"rank {ctx.rank}: {error}" if ctx.world > 1 else error)
+        if ctx.is_main:
+            raise GenerateError(f"rank {r}: {e}")
+        raise _PeerStopped(e)
+    return [x for _, x in got]
+
+
+def _run_sp(args, on_block, ctx, num_blocks, dtype, prompts, paths) -> int:
+    """``generate --sp N`` on this rank (one of N = WORLD_SIZE).
+
+    Every rank loads the transformer from the same files (each needs the weights on its own device;
+    the files give the same bytes, checked by a fingerprint exchange) and runs the same rollout with
+    1/N of the heads. Rank 0 alone checks and locks the outputs, loads the text encoder and the VAE,
+    encodes the prompt(s) and broadcasts the embeddings (small: B x text_len x text_dim), decodes and
+    writes the mp4 / telemetry / PNG block by block; the other ranks write nothing. Any check or
+    load failing on any rank stops every rank before the rollout (exit 2, one message)."""
+    from tokentrim import distributed
+    from tokentrim.video import ModelFolderError, check_model_dir
+
+    device = ctx.device
+    try:
+        trim_cfg = TokenTrimConfig.from_cli_args(args)
+    except (ValueError, TypeError) as e:
+        raise GenerateError(str(e)) from None
+    if args.compare:
+        trim_cfg.enabled = True
+    model_dir = check_model_dir(args.model_dir, need_transformer=args.checkpoint is None)
+    _check_trim_against_model(trim_cfg, args, model_dir)
+    with contextlib.ExitStack() as locks:
+        model, error = None, None
+        try:  # memory (each rank's own device), rank 0's outputs, every rank's transformer
+            _memory_check(args, model_dir, num_blocks, device, dtype, len(prompts), show=ctx.is_main)
+            if ctx.is_main:
+                _check_outputs(paths, args.overlay)
+                for p in paths:
+                    try:
+                        locks.enter_context(OutputLock(p))
+                    except ValueError as e:
+                        raise GenerateError(str(e)) from None
+            model = load_transformer(args, model_dir, device, dtype)
+            _check_heads(args.sp, model.config.num_heads)
+        except (GenerateError, ModelFolderError) as e:
+            error = str(e)
+        prints = _agree(ctx, error, _fingerprint(model) if model is not None else None)
+        if any(p != prints[0] for p in prints):
+            raise GenerateError(f"rank {ctx.rank}: the ranks loaded different transformer weights (is "
+                                f"{str(args.checkpoint or model_dir)!r} the same on every node?)")
+        source = str(args.checkpoint or model_dir / "transformer")
+        vae, payload = None, None
+        if ctx.is_main:  # the text encoder and the VAE live on rank 0 only
+            try:
+                encoder = load_text_encoder(model_dir, device, dtype, model.config.text_len)
+                vae = load_vae(model_dir, device)
+                _check_compatible(model, encoder.text_dim, vae.z_dim, source)
+                text = encoder.encode(prompts).cpu()
+                switches = [(b, encoder.encode([p]).cpu()) for b, p in (args._schedule or [])[1:]]
+                payload = (None, text, switches)
+                del encoder
+            except (GenerateError, ModelFolderError) as e:
+                payload = (str(e), None, None)
+        error, text, switches = ctx.broadcast_object(payload)
+        if error is not None:
+            if ctx.is_main:
+                raise GenerateError(error)
+            raise _PeerStopped(error)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        text = text.to(device)
+        if switches:
+            args._switches = [(b, t.to(device)) for b, t in switches]
+        model.sequence_parallel = distributed.SequenceParallel()
+        base_meta = {
+            "pipeline": args.pipeline, "model_dir": str(model_dir), "checkpoint": source, "seed": args.seed,
+            "height": args.height, "width": args.width, "fps": 16, "device": str(device), "dtype": str(dtype),
+            "trim": trim_cfg.to_dict() if (args.trim or args.compare) else None, "compare": args.compare,
+            "argv": sys.argv, "prompt_schedule": getattr(args, "_schedule", None), "sp": args.sp,
+        }
+        outputs: list[VideoOutput] = []
+        try:
+            status, _ = generate_batch(model, vae, text, prompts, paths, args, trim_cfg, num_blocks, on_block,
+                                       base_meta, video_offset=0, sp=ctx, collect=outputs)
+        except Exception as e:  # rank 0's outputs are finalised with their finished blocks already
+            saved = "; ".join(f"{len(o.records)} finished block(s) saved to {o.final_path}"
+                              for o in outputs if o.final_path is not None)
+            print(f"tokentrim generate --sp: rank {ctx.rank} failed: {type(e).__name__}: {e}"
+                  + (f" ({saved or 'no block had finished'})" if ctx.is_main else ""), file=sys.stderr)
+            return 1
+        for o in outputs:
+            if status == "interrupted":
+                where = o.final_path or "nothing (no block had finished)"
+                print(f"interrupted: {len(o.records)} finished block(s) saved to {where}", file=sys.stderr)
+            else:
+                extra = ", ".join(p.name for p in (o.json_path, o.png_path) if p is not None)
+                print(f"wrote {o.final_path} ({o.writer.frames_written} frames) + {extra}", file=sys.stderr)
+        return EXIT_INTERRUPTED if status == "interrupted" else 0
 
 
 def main(argv=None) -> int:

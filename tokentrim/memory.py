@@ -266,13 +266,15 @@ def _vae_bytes(cfg: dict, pixel_h: int, pixel_w: int, batch: int) -> int:
 
 def estimate_generate(model_dir, *, pipeline: str, height: int, width: int, num_blocks: int, batch: int = 1,
                       dtype: torch.dtype = torch.bfloat16, device: str = "cuda", num_prompts: int = 1,
-                      checkpoint_config=None, panels: int = 1) -> MemoryEstimate:
+                      checkpoint_config=None, panels: int = 1, sp: int = 1) -> MemoryEstimate:
     """Estimate ``tokentrim generate`` from the folder's config files only (no weights are read).
 
     height/width are in pixels (latents are /8). ``checkpoint_config``: the transformer's
     ``WanConfig`` when it does not come from ``<model_dir>/transformer/config.json``. ``panels``:
     rollouts run side by side (``--compare``: 2). ``num_prompts``: prompt contexts per video (a
-    prompt schedule keeps each prompt's).
+    prompt schedule keeps each prompt's). ``sp``: head-parallel ranks (``generate --sp N``): the
+    estimate is then that of rank 0, the largest (the only rank holding the VAE and the text
+    encoder; the transformer part is per rank as in ``estimate_rollout``).
     """
     from tokentrim.model import WanConfig
 
@@ -285,7 +287,7 @@ def estimate_generate(model_dir, *, pipeline: str, height: int, width: int, num_
         cfg = WanConfig.preset("wan2.1-t2v-1.3b")
     lat_h, lat_w = height // 8, width // 8
     one = estimate_rollout(cfg, pipeline=pipeline, batch=batch, height=lat_h, width=lat_w, num_blocks=num_blocks,
-                           dtype=dtype, device=device, num_prompts=num_prompts, keep_output=False)
+                           dtype=dtype, device=device, num_prompts=num_prompts, keep_output=False, sp=sp)
     est = MemoryEstimate(device=one.device, weights=one.weights, runtime=one.runtime, details=dict(one.details))
     est.kv_cache, est.text, est.latents = panels * one.kv_cache, panels * one.text, panels * one.latents
     est.activations = one.activations
