@@ -580,11 +580,11 @@ def _run(args, on_block) -> int:
         ctx.close()
 
 
-def _run_share(args, on_block, job, num_blocks, device, dtype, prompts, paths) -> int:
-    """Generate the prompts of ``job.videos`` (all of them without a job)."""
+def _trim_and_model_dir(args) -> tuple[TokenTrimConfig, Path]:
+    """The run's TokenTrim settings (``--compare`` turns TokenTrim on for its second panel) and the
+    checked model folder; raises GenerateError / ModelFolderError naming the bad argument."""
     from tokentrim.video import check_model_dir
 
-    mine = job.videos if job is not None else range(len(prompts))
     try:
         trim_cfg = TokenTrimConfig.from_cli_args(args)
     except (ValueError, TypeError) as e:
@@ -593,6 +593,14 @@ def _run_share(args, on_block, job, num_blocks, device, dtype, prompts, paths) -
         trim_cfg.enabled = True
     model_dir = check_model_dir(args.model_dir, need_transformer=args.checkpoint is None)
     _check_trim_against_model(trim_cfg, args, model_dir)
+    return trim_cfg, model_dir
+
+
+def _run_share(args, on_block, job, num_blocks, device, dtype, prompts, paths) -> int:
+    """Generate the prompts of ``job.videos`` (all of them without a job)."""
+
+    mine = job.videos if job is not None else range(len(prompts))
+    trim_cfg, model_dir = _trim_and_model_dir(args)
     if _memory_check(args, model_dir, num_blocks, device, dtype, len(prompts)):
         return 0  # --dry-run
     _check_outputs(paths, args.overlay)
@@ -778,17 +786,10 @@ def _run_sp(args, on_block, ctx, num_blocks, dtype, prompts, paths) -> int:
     writes the mp4 / telemetry / PNG block by block; the other ranks write nothing. Any check or
     load failing on any rank stops every rank before the rollout (exit 2, one message)."""
     from tokentrim import distributed
-    from tokentrim.video import ModelFolderError, check_model_dir
+    from tokentrim.video import ModelFolderError
 
     device = ctx.device
-    try:
-        trim_cfg = TokenTrimConfig.from_cli_args(args)
-    except (ValueError, TypeError) as e:
-        raise GenerateError(str(e)) from None
-    if args.compare:
-        trim_cfg.enabled = True
-    model_dir = check_model_dir(args.model_dir, need_transformer=args.checkpoint is None)
-    _check_trim_against_model(trim_cfg, args, model_dir)
+    trim_cfg, model_dir = _trim_and_model_dir(args)
     with contextlib.ExitStack() as locks:
         model, error = None, None
         try:  # memory (each rank's own device), rank 0's outputs, every rank's transformer
