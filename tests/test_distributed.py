@@ -270,6 +270,8 @@ def test_killed_rank_leaves_the_finished_videos(tmp_path):
     (["--sp", "5"], "--sp 5 must divide the model's 2 attention heads (preset tiny); use one of 1, 2"),
     (["--sp", "2"], "--sp 2 needs 2 processes, one per head group: launch with torchrun --nproc_per_node 2"),
     (["--sp", "2", "--num-videos", "2"], "cannot be combined with --num-videos"),
+    (["--sp", "2", "--graphs"], "--sp cannot be combined with --graphs"),
+    (["--sp", "2", "--compile"], "--sp cannot be combined with --compile"),
 ])
 def test_sp_argument_errors_come_before_any_work(tmp_path, capsys, argv, message):
     out = tmp_path / "never"

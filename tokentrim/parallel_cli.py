@@ -42,6 +42,9 @@ def _check(args, parser, preset):
             parser.error("--sp runs one job of --batch videos together; it cannot be combined with --num-videos")
         if args.graphs:
             parser.error("--sp cannot be combined with --graphs (collectives are not captured)")
+        if args.compile:  # fullgraph compile: the exchange's collectives are not traced
+            parser.error("--sp cannot be combined with --compile (the exchange is not traced into the "
+                         "compiled forward)")
         if world != args.sp and not args.dry_run:
             parser.error(f"--sp {args.sp} needs {args.sp} processes, one per head group: launch with "
                          f"torchrun --nproc_per_node {args.sp} (WORLD_SIZE is {world})")
