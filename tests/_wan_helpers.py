@@ -235,3 +235,21 @@ class CausalWanOracle:
         out = F.linear(self._ln(tok).unflatten(1, (Fr, S)) * (1 + hm[1]) + hm[0], m.head.head.weight, m.head.head.bias)
         out = out.view(B, Fr, h, w, ph, pw, cfg.out_dim)
         return torch.einsum("bfhwqrc->bfchqwr", out).reshape(B, Fr, cfg.out_dim, Hh, Ww)
+
+
+def two_cached_blocks(forward, cfg, x, t, ctx, raw_sink: bool, cache_frames: int):
+    """Two 3-frame blocks of x [1, >=6, C, H, W] / t [1, >=6] through ``forward(x, t, ctx, cache,
+    frame_start)`` (``WanModel.forward_cached`` or a compiled one; a tensor frame_start, as the
+    graph runner passes it), committing each into a fresh KVCache of ``cache_frames`` frames (sink
+    of 3, raw with ``raw_sink``). Returns (outputs of both blocks concatenated on frames, cache)."""
+    from tokentrim.cache import KVCache
+
+    S = cfg.tokens_per_frame(x.shape[3], x.shape[4])
+    cache = KVCache(cfg.num_layers, 1, cfg.num_heads, cfg.head_dim, S, cache_frames,
+                    sink_frames=3 if raw_sink else 0, raw_sink=raw_sink)
+    outs = []
+    for fs in (0, 3):
+        cache.prepare(3)
+        outs.append(forward(x[:, fs : fs + 3], t[:, fs : fs + 3], ctx, cache, torch.tensor(fs)))
+        cache.commit(fs, 3)
+    return torch.cat(outs, 1), cache

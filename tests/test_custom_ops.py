@@ -12,7 +12,7 @@ import os
 
 import pytest
 import torch
-from _wan_helpers import randomize_
+from _wan_helpers import randomize_, two_cached_blocks
 
 from tokentrim import ops, reference
 from tokentrim.cache import KVCache
@@ -114,16 +114,8 @@ def tiny_model():
 
 
 def _two_blocks(fn, model, x, t, ctx, raw_sink):
-    """Two 3-frame blocks through ``fn`` (tensor frame_start, as the graph runner passes it)."""
-    S = TINY.tokens_per_frame(x.shape[3], x.shape[4])
-    cache = KVCache(TINY.num_layers, 1, TINY.num_heads, TINY.head_dim, S, 9, sink_frames=3 if raw_sink else 0,
-                    raw_sink=raw_sink)
-    outs = []
-    for fs in (0, 3):
-        cache.prepare(3)
-        outs.append(fn(x[:, fs : fs + 3], t[:, fs : fs + 3], ctx, cache, torch.tensor(fs)))
-        cache.commit(fs, 3)
-    return torch.cat(outs, 1)
+    """Two 3-frame blocks through ``fn`` in a 9-frame cache; returns their outputs."""
+    return two_cached_blocks(fn, TINY, x, t, ctx, raw_sink, 9)[0]
 
 
 @torch.no_grad()

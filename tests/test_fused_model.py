@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _wan_helpers import randomize_
+from _wan_helpers import randomize_, two_cached_blocks
 
 from tokentrim import ops
 from tokentrim.cache import KVCache
@@ -34,16 +34,9 @@ def _setup(preset, seed=3):
 def _blocks(model, cfg, x, t, ctx, raw_sink, fused, backend):
     """Two 3-frame blocks (the second sees the committed raw sink re-rotated); returns (out, cache)."""
     model.fused, model.fused_backend = fused, backend
-    S = cfg.tokens_per_frame(x.shape[3], x.shape[4])
-    cache = KVCache(cfg.num_layers, 1, cfg.num_heads, cfg.head_dim, S, 6, sink_frames=3 if raw_sink else 0,
-                    raw_sink=raw_sink)
-    outs = []
-    for fs in (0, 3):
-        cache.prepare(3)
-        outs.append(model.forward_cached(x[:, fs : fs + 3], t[:, fs : fs + 3], ctx, cache, torch.tensor(fs)))
-        cache.commit(fs, 3)
+    out = two_cached_blocks(model.forward_cached, cfg, x, t, ctx, raw_sink, 6)
     model.fused, model.fused_backend = None, "auto"
-    return torch.cat(outs, 1), cache
+    return out
 
 
 @pytest.mark.parametrize(
