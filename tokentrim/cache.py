@@ -125,6 +125,7 @@ class KVCache:
         self.position_base_t = torch.zeros((), dtype=torch.int64, device=self.device)
         self._ar = torch.arange(C, device=self.device)  # int64 token offsets
         self._bidx = torch.arange(B, device=self.device)[:, None]
+        self._true = torch.ones((), dtype=torch.bool, device=self.device)  # fill value of keep writes
         self._pos_in_frame = (self._ar % self.tokens_per_frame).to(torch.int32)
         self._frame_of_tok = (self._ar // self.tokens_per_frame).to(torch.int32)
 
@@ -246,22 +247,20 @@ class KVCache:
             raise ValueError(f"layer must be an int in [0, {self.num_layers}), got {layer!r}")
         T = self._check_block("k", k)
         self._check_block("v", v, T)
-        in_sink = self.raw_sink and len(self.frames) < self.sink_frames
-        if in_sink:
+        raw_slot = self.raw_sink_slot(T)
+        if raw_slot is not None:
             if k_raw is None:
                 raise ValueError(
                     f"k_raw is required while the sink is being written (raw_sink=True, "
                     f"{len(self.frames)} of sink_frames={self.sink_frames} committed)"
                 )
             self._check_block("k_raw", k_raw, T)
-        idx = self.length.long()[:, None] + self._ar[:T]
+        idx = self._block_index(T)
         self.kv[layer, 0].index_put_((self._bidx, idx), k)
         self.kv[layer, 1].index_put_((self._bidx, idx), v)
-        self.keep.index_put_((self._bidx, idx), torch.ones((), dtype=torch.bool, device=self.device))
-        if in_sink:
-            # sink frames are never pruned or evicted, so committed tokens = frames * tpf here
-            start = len(self.frames) * self.tokens_per_frame
-            n = min(T, self.sink_tokens - start)
+        self.keep.index_put_((self._bidx, idx), self._true)
+        if raw_slot is not None:
+            start, n = raw_slot
             self.sink_raw[layer, :, start : start + n].copy_(k_raw[:, :n])
 
     def raw_sink_slot(self, T: int) -> tuple[int, int] | None:
@@ -269,8 +268,23 @@ class KVCache:
         written: (first sink token, count), or None when no raw key is needed. Host sync: none."""
         if not (self.raw_sink and len(self.frames) < self.sink_frames):
             return None
+        # sink frames are never pruned or evicted, so committed tokens = frames * tpf here
         start = len(self.frames) * self.tokens_per_frame
         return start, min(T, self.sink_tokens - start)
+
+    def check_room(self, num_frames: int, name: str = "") -> None:
+        """Raise ``ValueError`` when a block of ``num_frames`` frames does not fit after the committed
+        frames (``prepare`` makes room). ``name`` prefixes the message (the tensor checked)."""
+        if len(self.frames) + num_frames > self.max_frames:
+            raise ValueError(
+                f"{name + ' ' if name else ''}block of {num_frames} frames does not fit after "
+                f"{len(self.frames)} committed frames (max_frames={self.max_frames}); "
+                f"call prepare({num_frames}) first"
+            )
+
+    def _block_index(self, T: int) -> torch.Tensor:
+        """[B, T] int64 cache slots of the block being generated: [length[b], length[b] + T)."""
+        return self.length.long()[:, None] + self._ar[:T]
 
     def mark_block(self, T: int, check: bool = True) -> None:
         """Keep the T-token block at [length[b], length[b] + T) (what ``write`` does besides storing
@@ -280,13 +294,9 @@ class KVCache:
         tpf = self.tokens_per_frame
         if isinstance(T, bool) or not isinstance(T, int) or T <= 0 or T % tpf:
             raise ValueError(f"T must be a positive multiple of tokens_per_frame={tpf}, got {T!r}")
-        if check and len(self.frames) + T // tpf > self.max_frames:
-            raise ValueError(
-                f"block of {T // tpf} frames does not fit after {len(self.frames)} committed frames "
-                f"(max_frames={self.max_frames}); call prepare({T // tpf}) first"
-            )
-        idx = self.length.long()[:, None] + self._ar[:T]
-        self.keep.index_put_((self._bidx, idx), torch.ones((), dtype=torch.bool, device=self.device))
+        if check:
+            self.check_room(T // tpf)
+        self.keep.index_put_((self._bidx, self._block_index(T)), self._true)
 
     def attend_len(self, T: int) -> torch.Tensor:
         """kv_len [B] int32 for attention over the committed tokens plus a T-token block. Host sync: none."""
@@ -312,12 +322,12 @@ class KVCache:
                 f"{self.max_frames}; call prepare({n}) before writing the block"
             )
         T = n * self.tokens_per_frame
-        idx = self.length.long()[:, None] + self._ar[:T]
+        idx = self._block_index(T)
         self.token_frame.index_put_(
             (self._bidx, idx), (self._frame_of_tok[:T] + frame_start).expand(self.batch, T)
         )
         self.token_pos.index_put_((self._bidx, idx), self._pos_in_frame[:T].expand(self.batch, T))
-        self.keep.index_put_((self._bidx, idx), torch.ones((), dtype=torch.bool, device=self.device))
+        self.keep.index_put_((self._bidx, idx), self._true)
         self.length += T
         self.frames.extend(range(frame_start, frame_start + n))
         self._sync_anchor()
@@ -441,9 +451,5 @@ class KVCache:
                 raise ValueError(
                     f"{name} token count T must be a positive multiple of tokens_per_frame={tpf}, got {Tx}"
                 )
-            if len(self.frames) + Tx // tpf > self.max_frames:
-                raise ValueError(
-                    f"{name} block of {Tx // tpf} frames does not fit after {len(self.frames)} committed "
-                    f"frames (max_frames={self.max_frames}); call prepare({Tx // tpf}) first"
-                )
+            self.check_room(Tx // tpf, name)
         return Tx

@@ -94,17 +94,17 @@ def masked_attention(q, k, v, keep=None, kv_len=None, scale=None):
         used = mask.any(dim=0).nonzero()
         hi = int(used[-1, 0]) + 1 if used.numel() else 0
         k, v, mask = k[:, :hi], v[:, :hi], mask[:, :hi]
-    m4 = mask[:, :, None, None]
-    zero = torch.zeros((), dtype=torch.float32, device=q.device)
-    kf = torch.where(m4, k.float(), zero).transpose(1, 2)
-    vf = torch.where(m4, v.float(), zero).transpose(1, 2)
-    if Lq == 0 or kf.shape[2] == 0:
+    if Lq == 0 or k.shape[1] == 0:
         return torch.zeros(B, Lq, H, D, dtype=q.dtype, device=q.device)
+    dropped = ~mask[:, :, None, None]
+    # one fp32 copy each (copy=True: an fp32 cache is never changed), unattended keys zeroed
+    kf = k.to(torch.float32, copy=True).masked_fill_(dropped, 0).transpose(1, 2)
+    vf = v.to(torch.float32, copy=True).masked_fill_(dropped, 0).transpose(1, 2)
     o = torch.nn.functional.scaled_dot_product_attention(
         q.float().transpose(1, 2), kf, vf, attn_mask=mask[:, None, None, :], scale=scale
     ).transpose(1, 2)
     # rows with no attended key are 0 (SDPA may give NaN for an all-masked row)
-    o = torch.where(mask.any(dim=1)[:, None, None, None], o, zero)
+    o.masked_fill_(~mask.any(dim=1)[:, None, None, None], 0)
     return o.to(q.dtype)
 
 

@@ -102,11 +102,8 @@ class GraphRunner:
         if self.compiled is None:
             return self.model.forward_cached(x, t, self.ctx, cache, frame_start, kv_only=kv_only)
         n = int(x.shape[1]) if isinstance(x, torch.Tensor) and x.dim() == 5 else 0
-        if n and len(cache.frames) + n > cache.max_frames:
-            raise ValueError(
-                f"block of {n} frames does not fit after {len(cache.frames)} committed frames "
-                f"(max_frames={cache.max_frames}); call prepare({n}) first"
-            )
+        if n:
+            cache.check_room(n)
         if not isinstance(frame_start, torch.Tensor):
             frame_start = torch.full((), int(frame_start), dtype=torch.int64, device=self.device)
         state = self.model.cache_state(cache, n * cache.tokens_per_frame)
