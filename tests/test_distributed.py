@@ -21,6 +21,7 @@ import torch
 
 from tokentrim import cli
 from tokentrim.distributed import contiguous_share
+from tokentrim.safeio import sigterm_as_interrupt
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
@@ -317,7 +318,7 @@ def test_summary_is_written_whole_when_sigterm_arrives_meanwhile(tmp_path, monke
         summarise(statuses)
 
     monkeypatch.setattr(job, "_summarise", signalled)
-    with distributed.sigterm_as_interrupt():
+    with sigterm_as_interrupt():
         code = job.close()
     assert code == 0  # the signal came after this rank's (here: the only) exchange
     summary = json.loads((tmp_path / "summary.json").read_text())

@@ -60,9 +60,6 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-_HelpFormatter = HelpFormatter
-
-
 def add_rollout_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``rollout`` on an argparse subparsers object (handler: ``run_rollout``)."""
     from tokentrim.config import TokenTrimConfig
@@ -76,7 +73,7 @@ def add_rollout_parser(subparsers) -> argparse.ArgumentParser:
             "or --checkpoint) with TokenTrim, and write latents.pt, telemetry.json and telemetry.png "
             "into --out. Text conditioning is random embeddings (seeded) unless --text-embeddings."
         ),
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
     )
     g = p.add_argument_group("model")
     g.add_argument("--preset", choices=sorted(PRESETS), default=None,
@@ -258,14 +255,15 @@ def _build_model(args, parser, device, dtype, preset):
     return WanModel(WanConfig.preset(preset), dtype=dtype, device=device).eval()
 
 
-def _text_embeddings(args, parser, cfg, n: int):
-    """[n, Lt, text_dim] CPU text embeddings: --text-embeddings (1 or n rows) or random (seeded)."""
+def _text_embeddings(args, parser, cfg, n: int | None = None):
+    """[n, Lt, text_dim] CPU text embeddings: --text-embeddings (1 or n rows) or random (seeded);
+    n = --batch when None, else the job's --num-videos."""
     import torch
 
     if args.text_embeddings is not None:
         return _load_text(args, parser, cfg, n)
     gen = torch.Generator().manual_seed(args.seed)
-    return torch.randn(n, cfg.text_len, cfg.text_dim, generator=gen)
+    return torch.randn(args.batch if n is None else n, cfg.text_len, cfg.text_dim, generator=gen)
 
 
 def rollout_meta(args, device, dtype, preset, trim) -> dict:
@@ -362,17 +360,12 @@ def run_rollout(args) -> int:
 
 
 def _run_rollout(args, parser, device, dtype, preset, trim) -> int:
-    import torch
 
     from tokentrim.rollout_out import RolloutOutput
 
     model = _build_model(args, parser, device, dtype, preset)
     cfg = model.config
-    if args.text_embeddings is not None:
-        text = _load_text(args, parser, cfg)
-    else:
-        gen = torch.Generator().manual_seed(args.seed)
-        text = torch.randn(args.batch, cfg.text_len, cfg.text_dim, generator=gen)
+    text = _text_embeddings(args, parser, cfg)
     _check_patch(parser, model, trim)
     rollout = _make_rollout(args, parser, model, trim)
     _check_limits(args, parser, rollout, model, trim)

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from tokentrim.safeio import atomic_write_text, deferred_signals, sigterm_as_interrupt  # noqa: F401 (re-exported)
+from tokentrim.safeio import atomic_write_text, deferred_signals
 
 __all__ = ["DataParallelJob", "DistContext", "SequenceParallel", "contiguous_share", "init", "launched"]
 

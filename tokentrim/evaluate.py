@@ -37,6 +37,8 @@ from pathlib import Path
 
 import torch
 
+from tokentrim import telemetry
+
 METRICS = ("flicker", "mean_drift", "std_drift", "luminance_drift", "hist_distance", "luminance")
 BINS = 32
 _LUMA = torch.tensor([0.299, 0.587, 0.114])
@@ -334,19 +336,9 @@ def run(args) -> int:
         print(f"{c['second']} - {c['first']}: flicker {d['flicker']:+.3f}, colour drift {d['mean_drift']:+.3f}, "
               f"histogram distance {d['hist_distance']:+.4f}")
     if args.json:
-        Path(args.json).write_text(json.dumps(_json_safe(report), indent=1))
+        Path(args.json).write_text(json.dumps(telemetry._clean(report), indent=1))
         print(f"wrote {args.json}")
     if args.png:
         plot(report["videos"], args.png, report.get("telemetry"))
         print(f"wrote {args.png}")
     return 0
-
-
-def _json_safe(x):
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_json_safe(v) for v in x]
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x

@@ -44,25 +44,17 @@ class GenerateError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------ CLI
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows "(default: X)" only for real defaults that the help does not state already."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if action.default is None or action.default is False or "default" in text:
-            return text
-        return super()._get_help_string(action)
-
-
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``generate`` on an ``argparse`` subparsers object; sets ``func=run_generate``."""
+    from tokentrim.cli import HelpFormatter
+
     p = subparsers.add_parser(
         "generate",
         help="prompt -> mp4 with a Wan2.1-T2V model (Self Forcing / Rolling Forcing) and TokenTrim",
         description="Prompt -> mp4 with real Wan2.1 weights from a local Wan2.1-T2V-1.3B-Diffusers folder and "
                     "a Self Forcing / Rolling Forcing checkpoint, with TokenTrim. Every finished block is "
                     "written at once: an interrupted run leaves a playable video of the blocks done.",
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
     )
     add_arguments(p)
     p.set_defaults(func=run_generate)
@@ -686,9 +678,8 @@ def _load_and_generate(args, on_block, model_dir, prompts, paths, trim_cfg, num_
 
 def _run_job(job, model, vae, texts, starts, prompts, paths, args, trim_cfg, num_blocks, on_block, base_meta) -> int:
     """This rank's batches of a data-parallel job; the summary and the exit code come from ``job.close``."""
-    from tokentrim import distributed
 
-    with distributed.sigterm_as_interrupt():
+    with sigterm_as_interrupt():
         try:
             for start, text in zip(starts, texts):
                 end = start + text.shape[0]

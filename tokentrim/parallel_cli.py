@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from tokentrim import distributed
+from tokentrim.safeio import sigterm_as_interrupt
 
 
 def _check_sp(args, parser, num_heads: int, where: str) -> None:
@@ -88,8 +89,7 @@ def run_rollout_job(args) -> int:
         cfg = model.config
         _check_sp(args, parser, cfg.num_heads, "from --checkpoint")
         _check_limits(args, parser, _make_rollout(args, parser, model, trim), model, trim)
-        n = args.batch if args.sp > 1 else (args.num_videos or args.batch)
-        text = _text_embeddings(args, parser, cfg, n)
+        text = _text_embeddings(args, parser, cfg, args.num_videos)  # None: --batch (also --sp)
         if args.sp > 1:
             return _run_sp(args, parser, ctx, model, text, dtype, preset, trim)
         return _run_dp(args, parser, ctx, model, text, dtype, preset, trim, _make_rollout)
@@ -173,7 +173,7 @@ def _run_dp(args, parser, ctx, model, text, dtype, preset, trim, make_rollout) -
     base = dict(rollout_meta(args, ctx.device, dtype, preset, trim), num_videos=n, world_size=ctx.world)
     job = distributed.DataParallelJob(ctx, n, out / "ranks", out / "summary.json", meta=base)
     title = f"{args.pipeline}: TokenTrim {'on' if trim.enabled else 'off'}"
-    with distributed.sigterm_as_interrupt():
+    with sigterm_as_interrupt():
         try:
             mine = job.videos
             for start in range(mine.start, mine.stop, args.batch):
