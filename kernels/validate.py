@@ -98,13 +98,13 @@ def check_attention_inputs(q, k, v, keep, kv_len) -> None:
     check_same_device(q=q, k=k, v=v, keep=keep, kv_len=kv_len)
 
 
-def check_kv_len_range(kv_len: torch.Tensor, lk_max: int, name: str = "kv_len") -> None:
+def check_kv_len_range(kv_len: torch.Tensor, lk_max: int) -> None:
     """Range check of kv_len against Lk_max. Synchronises the host; callers on hot paths skip it."""
     if kv_len.numel() == 0:
         return
     lo, hi = int(kv_len.min()), int(kv_len.max())
     if lo < 0 or hi > lk_max:
-        raise ValueError(f"{name} values must be in [0, Lk_max={lk_max}], got min {lo}, max {hi}")
+        raise ValueError(f"kv_len values must be in [0, Lk_max={lk_max}], got min {lo}, max {hi}")
 
 
 def check_kv_len_range_if_free(kv_len, lk_max: int, force: bool = False) -> None:

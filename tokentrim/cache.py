@@ -24,17 +24,9 @@ import torch
 
 from tokentrim import ops
 from tokentrim.kernels.validate import FLOAT_DTYPES, check_int, check_tensor
+from tokentrim.memory import format_bytes
 
 __all__ = ["KVCache"]
-
-
-def _format_bytes(n: int) -> str:
-    if n < 1024:
-        return f"{n} B"
-    for i, unit in enumerate(("KiB", "MiB", "GiB")):
-        if n < 1024 ** (i + 2) or unit == "GiB":
-            return f"{n / 1024 ** (i + 1):.2f} {unit}"
-    raise AssertionError("unreachable")
 
 
 def _runs(values: list[int]) -> list[tuple[int, int]]:
@@ -180,8 +172,8 @@ class KVCache:
             f"head_dim={self.head_dim}, tokens_per_frame={self.tokens_per_frame}, "
             f"max_frames={self.max_frames}, sink_frames={self.sink_frames}, raw_sink={self.raw_sink}, "
             f"dtype={str(self.dtype).replace('torch.', '')}, device={self.device}, "
-            f"committed_frames={len(self.frames)}, bytes_per_frame={_format_bytes(self.bytes_per_frame)} "
-            f"per video, total={_format_bytes(self.nbytes)})"
+            f"committed_frames={len(self.frames)}, bytes_per_frame={format_bytes(self.bytes_per_frame)} "
+            f"per video, total={format_bytes(self.nbytes)})"
         )
 
     # ------------------------------------------------------------------------------- lifecycle

@@ -120,10 +120,6 @@ class MemoryEstimate:
 
 
 # ------------------------------------------------------------------------------------ helpers
-def _elem(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
 def _transformer_bytes(config, dtype: torch.dtype) -> int:
     """Parameter + buffer bytes of a WanModel of ``config`` in ``dtype`` (counted on the meta device)."""
     from tokentrim.model.wan import WanModel  # the class itself (callers may patch tokentrim.model)
@@ -183,7 +179,7 @@ def estimate_rollout(config, *, pipeline: str = "self-forcing", rollout_config=N
         raise ValueError(f"pipeline must be 'self-forcing' or 'rolling-forcing', got {pipeline!r}")
     rc = rollout_config or (SelfForcingConfig() if pipeline == "self-forcing" else RollingForcingConfig())
     tpf = cfg.tokens_per_frame(height, width)
-    elem = _elem(dtype)
+    elem = dtype.itemsize
     d, f, L, H, hd = cfg.dim, cfg.ffn_dim, cfg.num_layers, cfg.num_heads // sp, cfg.head_dim
     bf = rc.block_frames
     total = num_blocks * bf
@@ -247,7 +243,7 @@ def _t5_bytes(cfg: dict, dtype: torch.dtype, batch: int, text_len: int) -> int:
     per_layer = 4 * dm * inner + 3 * dm * dff + 2 * dm + heads * int(cfg.get("relative_attention_num_buckets", 32))
     params = vocab * dm + n * per_layer + dm
     act = batch * text_len * (8 * dm + 3 * dff) * 4 + batch * heads * text_len * text_len * 4 * 3
-    return params * _elem(dtype) + act
+    return params * dtype.itemsize + act
 
 
 def _vae_bytes(cfg: dict, pixel_h: int, pixel_w: int, batch: int) -> int:

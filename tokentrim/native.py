@@ -76,15 +76,6 @@ def status() -> str:
     return _load()[1]
 
 
-def cuda_select_available() -> bool:
-    """True when ``drift_select`` has its CUB kernel for CUDA tensors (tokentrim._C_cuda)."""
-    return (
-        available()
-        and torch.cuda.is_available()
-        and torch._C._dispatch_has_kernel_for_dispatch_key("tokentrim_native::drift_select", "CUDA")
-    )
-
-
 def require() -> None:
     if not available():
         raise RuntimeError(f"backend='native' requested but the native extension tokentrim._C is {status()}")

@@ -78,8 +78,6 @@ def op_bytes(func, args, kwargs, out) -> int:
     short = func._schema.name.split("::")[-1]
     if short in WRITE_VALUES:
         vals = args[WRITE_VALUES[short]]
-        if isinstance(vals, (list, tuple)):  # index_put_ indices are a list; values follow
-            vals = args[2]
         idx_bytes = sum(_nbytes(t) for t in tree_flatten(args[1])[0] if isinstance(t, torch.Tensor)) if short != "copy_" else 0
         return 2 * _nbytes(vals) + idx_bytes if isinstance(vals, torch.Tensor) else 0
     seen, total = set(), 0

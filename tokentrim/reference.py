@@ -15,6 +15,12 @@ from tokentrim.kernels.validate import (
     check_drift_inputs,
     check_kv_len_range,
 )
+from tokentrim.kernels.validate_fused import (
+    check_ln_inputs,
+    check_qk_norm_rope_inputs,
+    check_rms_norm_inputs,
+    check_rope_into_inputs,
+)
 
 
 # --------------------------------------------------------------------------------------------- drift
@@ -148,7 +154,6 @@ def qk_norm_rope(q, k, v, wq, wk, cos, sin, eps: float, kv, layer: int, start, k
     """Reference of ``tokentrim.ops.qk_norm_rope``: RMSNorm across heads (fp32) then interleaved
     RoPE, one rounding to kv's dtype. Writes k_rot / v into kv[layer, 0/1, b, start[b] + t] and the
     normed un-rotated keys of tokens t < n_raw into k_raw. Returns q_rot [B, T, H, D] (kv dtype)."""
-    from tokentrim.kernels.validate_fused import check_qk_norm_rope_inputs
 
     B, T, dim, H, D = check_qk_norm_rope_inputs(q, k, v, wq, wk, cos, sin, kv, layer, start, k_raw, n_raw)
     qn, kn = _rms(q, wq, eps), _rms(k, wk, eps)
@@ -163,7 +168,6 @@ def qk_norm_rope(q, k, v, wq, wk, cos, sin, eps: float, kv, layer: int, start, k
 
 def rope_into(x, cos, sin, kv, layer: int) -> None:
     """Reference of ``tokentrim.ops.rope_into``: kv[layer, 0, :, :L] = RoPE(x) (fp32, one rounding)."""
-    from tokentrim.kernels.validate_fused import check_rope_into_inputs
 
     B, L, H, D = check_rope_into_inputs(x, cos, sin, kv, layer)
     kv[layer, 0, :, :L].copy_(_rope_pairs(x.float().reshape(B, L, H * D), cos, sin, H))
@@ -171,7 +175,6 @@ def rope_into(x, cos, sin, kv, layer: int) -> None:
 
 def rms_norm(x, w, eps: float, out_dtype: torch.dtype):
     """Reference of ``tokentrim.ops.rms_norm``: RMSNorm over the last dim in fp32 times w, one rounding."""
-    from tokentrim.kernels.validate_fused import check_rms_norm_inputs
 
     check_rms_norm_inputs(x, w, out_dtype)
     return _rms(x, w, eps).to(out_dtype)
@@ -184,7 +187,6 @@ def residual_ln_modulate(x, y, gate, weight, bias, shift, scale, eps: float, out
     shift).to(out_dtype). gate/shift/scale are (table [dim], per-frame [B, F, dim]) pairs or None.
     Returns (x_new, out); x_new is None when y is None (plain LN + modulate).
     """
-    from tokentrim.kernels.validate_fused import check_ln_inputs
 
     check_ln_inputs(x, y, gate, weight, bias, shift, scale, out_dtype)
 

@@ -115,8 +115,7 @@ def recache_recent(rollout, blocks_x0: dict, block_frames: int) -> list[int]:
             cache.length.fill_(first * tpf)
             cache.frames[:] = frames[:first]
             x0 = blocks_x0[b]
-            t = torch.zeros(x0.shape[0], x0.shape[1], dtype=torch.float32, device=x0.device)
-            rollout.runner(x0.to(rollout.facts.dtype), t, b * block_frames, kv_only=True)
+            rollout.runner(x0.to(rollout.facts.dtype), rollout._t(0.0), b * block_frames, kv_only=True)
     finally:
         cache.frames[:] = frames
         cache.length.copy_(length)

@@ -84,7 +84,7 @@ class FlowSchedule:
         """sigma of ``timestep`` ready to combine with x: a Python float stays a float (no tensor is
         built, so nothing is copied to the device), a tensor becomes float64 on x's device."""
         if isinstance(timestep, (int, float)) and not isinstance(timestep, bool):
-            return float(timestep) / self.num_train_timesteps
+            return self.sigma(timestep)
         if not isinstance(timestep, torch.Tensor):
             raise TypeError(f"timestep must be a number or a tensor, got {type(timestep).__name__}")
         return self._expand(self.sigma(timestep.to(x.device)), x)
