@@ -282,7 +282,7 @@ def rollout_meta(args, device, dtype, preset, trim) -> dict:
     }
 
 
-def _check_limits(args, parser, rollout, model, trim) -> None:
+def _check_limits(args, parser, model, trim) -> None:
     """What would stop the run midway, checked before the first block: the latent size and TokenTrim's
     patch against the model's. (Any length runs: rollouts re-base RoPE positions past the table.)"""
     cfg = model.config
@@ -366,9 +366,8 @@ def _run_rollout(args, parser, device, dtype, preset, trim) -> int:
     model = _build_model(args, parser, device, dtype, preset)
     cfg = model.config
     text = _text_embeddings(args, parser, cfg)
-    _check_patch(parser, model, trim)
+    _check_limits(args, parser, model, trim)
     rollout = _make_rollout(args, parser, model, trim)
-    _check_limits(args, parser, rollout, model, trim)
     meta = rollout_meta(args, device, dtype, preset, trim)
     return _stream(args, rollout, text.to(device), RolloutOutput(args.out, meta), trim)
 

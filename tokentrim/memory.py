@@ -188,17 +188,17 @@ def estimate_rollout(config, *, pipeline: str = "self-forcing", rollout_config=N
     cpu_ref = _is_cpu_reference(device, attention_backend)
     copies = 0 if not cpu_ref else (2.5 if elem == 4 else 4.5)
     if pipeline == "self-forcing":
-        frames = min(rc.cache_frames, max(total, rc.sink_frames + bf))
+        frames = rc.cache_frames_for(num_blocks)
         est.kv_cache = _cache_bytes(L, batch, H, hd, tpf, frames, elem)
         T, Lk = bf * tpf, frames * tpf
         steps = len(rc.denoising_steps)
         in_flight = (steps + 4) * bf  # noise of every step, x, x0, the candidate and the previous block
     else:
         S = rc.window_blocks
-        frames = min(rc.cache_frames, rc.sink_frames + rc.local_frames + min(num_blocks, S) * bf)
+        frames = rc.cache_frames_for(num_blocks)
         est.kv_cache = _cache_bytes(L, batch, H, hd, tpf, frames, elem, sink_tokens=rc.sink_frames * tpf)
         if rc.refresh_frames:
-            est.kv_cache += _cache_bytes(L, batch, H, hd, tpf, min(rc.refresh_frames, total), elem)
+            est.kv_cache += _cache_bytes(L, batch, H, hd, tpf, rc.refresh_frames_for(num_blocks), elem)
         T, Lk = min(num_blocks, S) * bf * tpf, frames * tpf
         in_flight = (S * S + 4 * S) * bf  # every window block's noise levels, states, x, x0
     block_lat = batch * cfg.in_dim * height * width * 4

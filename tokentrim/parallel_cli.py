@@ -31,8 +31,9 @@ def _check_sp(args, parser, num_heads: int, where: str) -> None:
 
 
 def _check(args, parser, preset):
-    """Every check that needs no model weights and no process group (before any work). A
-    ``--dry-run`` (memory estimate only, per rank with --sp) needs no torchrun and writes nothing."""
+    """The --sp checks that need no model weights and no process group (before any work; --out is
+    checked by ``cli._resolve``). A ``--dry-run`` (memory estimate only, per rank with --sp) needs no
+    torchrun and writes nothing."""
     from tokentrim.model import WanConfig
 
     world = distributed.env_world_size()
@@ -49,13 +50,6 @@ def _check(args, parser, preset):
         if world != args.sp and not args.dry_run:
             parser.error(f"--sp {args.sp} needs {args.sp} processes, one per head group: launch with "
                          f"torchrun --nproc_per_node {args.sp} (WORLD_SIZE is {world})")
-    from tokentrim.safeio import check_output_dir
-
-    try:
-        if not args.dry_run:
-            check_output_dir(args.out, "--out")
-    except ValueError as e:
-        parser.error(str(e))
 
 
 def run_rollout_job(args) -> int:
@@ -70,11 +64,10 @@ def run_rollout_job(args) -> int:
     )
 
     parser = args._parser
-    if args.sp > 1:  # first of all, before _resolve creates --out: the preset _resolve would pick
-        cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-        _check(args, parser, args.preset or ("wan2.1-t2v-1.3b" if cuda else "tiny"))
+    # first of all, before _resolve checks and creates --out; the preset is the one _resolve picks
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    _check(args, parser, args.preset or ("wan2.1-t2v-1.3b" if cuda else "tiny"))
     device, dtype, preset, trim = _resolve(args, parser)
-    _check(args, parser, preset)
     # the estimate (per rank with --sp; every block is kept: rollout.run), before any work
     if args.dry_run and _memory_check(args, parser, device, dtype, preset, keep_output=True):
         return 0
@@ -88,7 +81,8 @@ def run_rollout_job(args) -> int:
         model = _build_model(args, parser, ctx.device, dtype, preset)
         cfg = model.config
         _check_sp(args, parser, cfg.num_heads, "from --checkpoint")
-        _check_limits(args, parser, _make_rollout(args, parser, model, trim), model, trim)
+        _check_limits(args, parser, model, trim)
+        _make_rollout(args, parser, model, trim)  # the rollout settings, checked before any work
         text = _text_embeddings(args, parser, cfg, args.num_videos)  # None: --batch (also --sp)
         if args.sp > 1:
             return _run_sp(args, parser, ctx, model, text, dtype, preset, trim)

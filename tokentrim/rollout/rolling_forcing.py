@@ -169,6 +169,16 @@ class RollingForcingConfig:
         """KV cache capacity: sink + local + window frames (21 with the defaults)."""
         return self.sink_frames + self.local_frames + self.window_frames
 
+    def cache_frames_for(self, num_blocks: int) -> int:
+        """Frames of the working cache of a ``num_blocks``-block video: a short one (fewer blocks
+        than the window) never fills ``cache_frames``."""
+        return min(self.cache_frames,
+                   self.sink_frames + self.local_frames + min(num_blocks, self.window_blocks) * self.block_frames)
+
+    def refresh_frames_for(self, num_blocks: int) -> int:
+        """Frames of the refresh cache of a ``num_blocks``-block video (0: no refresh cache)."""
+        return min(self.refresh_frames, num_blocks * self.block_frames)
+
 
 class RollingForcingRollout(RolloutBase):
     """Rolling Forcing rollout of a ``WanModel`` with optional TokenTrim.
@@ -207,16 +217,13 @@ class RollingForcingRollout(RolloutBase):
         from tokentrim.cache import KVCache
 
         S, bf = len(self.timesteps), cfg.block_frames
-        # sized for this video: a short one (fewer blocks than the window) never fills cache_frames
-        frames = min(cfg.cache_frames, cfg.sink_frames + cfg.local_frames + min(num_blocks, S) * bf)
-        self.cache = KVCache(facts.num_layers, batch, facts.num_heads, facts.head_dim, tpf, frames,
+        self.cache = KVCache(facts.num_layers, batch, facts.num_heads, facts.head_dim, tpf, cfg.cache_frames_for(num_blocks),
                              sink_frames=cfg.sink_frames, raw_sink=True, dtype=facts.dtype, device=facts.device)
         self.runner = GraphRunner(self.model, ctx, self.cache, enabled=self.use_graphs, compile=self.compile)
         self.refresh_cache = None
         if cfg.refresh_frames:
             self.refresh_cache = KVCache(facts.num_layers, batch, facts.num_heads, facts.head_dim, tpf,
-                                         min(cfg.refresh_frames, num_blocks * bf), dtype=facts.dtype,
-                                         device=facts.device)
+                                         cfg.refresh_frames_for(num_blocks), dtype=facts.dtype, device=facts.device)
         self.positions = PositionRebaser(self.model, [self.cache, self.refresh_cache], self.position_limit)
         self.hook = TrimHook(self.trim, batch, cfg.compact_after_prune)
         self.recorder = BlockRecorder(facts.device)

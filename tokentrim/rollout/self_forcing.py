@@ -111,6 +111,11 @@ class SelfForcingConfig:
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"SelfForcingConfig.{name} must be a bool, got {getattr(self, name)!r}")
 
+    def cache_frames_for(self, num_blocks: int) -> int:
+        """Frames of the cache of a ``num_blocks``-block video: ``cache_frames``, or the video's frames
+        when it is shorter (at least the sink and one block, as the cache requires)."""
+        return min(self.cache_frames, max(num_blocks * self.block_frames, self.sink_frames + self.block_frames))
+
 
 class SelfForcingRollout(RolloutBase):
     """Self Forcing block-causal rollout of a ``WanModel`` with optional TokenTrim.
@@ -193,8 +198,7 @@ class SelfForcingRollout(RolloutBase):
         from tokentrim.cache import KVCache
 
         f, cfg = self.facts, self.config
-        frames = min(cfg.cache_frames, max(num_blocks * cfg.block_frames, cfg.sink_frames + cfg.block_frames))
-        return KVCache(f.num_layers, batch, f.num_heads, f.head_dim, tpf, frames,
+        return KVCache(f.num_layers, batch, f.num_heads, f.head_dim, tpf, cfg.cache_frames_for(num_blocks),
                        sink_frames=cfg.sink_frames, dtype=f.dtype, device=f.device)
 
     def _noise(self, b: int, attempt: int = 0) -> torch.Tensor:
