@@ -190,7 +190,8 @@ class TrimHook:
         if compact_after_prune is None:  # default: delete pruned tokens whenever the masks persist
             compact_after_prune = bool(self.active and trim.persist)
         self.compact_after_prune = compact_after_prune
-        self.last_masked: list[int] = [0] * batch
+        self._batch = batch
+        self.start_block()
         if self.active and compact_after_prune and not trim.persist:
             raise ValueError("compact_after_prune=True deletes pruned tokens, so it needs TokenTrimConfig.persist=True")
         self.controller = None
@@ -198,6 +199,11 @@ class TrimHook:
             from tokentrim.trim import TokenTrimController
 
             self.controller = TokenTrimController(trim, batch)
+
+    def start_block(self) -> None:
+        """Reset the block's masking totals (``extra``); call once per judged block, before any prune."""
+        self._masked_frames: set[int] = set()
+        self._masked_tokens: list[int] = [0] * self._batch
 
     def decide(self, cand: torch.Tensor, prev: torch.Tensor, block: int):
         with nvtx_range("detect", block=block):
@@ -215,11 +221,10 @@ class TrimHook:
         masks on its committed frames of the same scope, excluding ``cache``'s sink frames.
 
         Returns the sorted absolute frames masked in ``cache`` or ``mirror`` (empty: nothing could
-        be masked, so a regeneration would see the same cache). ``self.last_masked`` holds, per
-        video of the batch, the cache tokens (frame, position pairs) newly masked by this call.
+        be masked, so a regeneration would see the same cache). The frames and, per video, the
+        cache tokens (frame, position pairs) newly masked add to the block's totals (``extra``).
         Host sync: one (the masked-token counts).
         """
-        B = cache.batch
         with nvtx_range("prune", block=decision.block_index):
             sink = set(cache.frames[: cache.sink_frames])
             if self.config.scope == "previous":
@@ -242,20 +247,23 @@ class TrimHook:
                 for v in videos:
                     mirror.prune(v, decision.unstable_idx[v], frames=mframes)
             after = _kept_tokens(cache, frames) + (_kept_tokens(mirror, extra) if extra else 0)
-            self.last_masked = (before - after).tolist() if (frames or extra) else [0] * B
+            if frames or extra:
+                self._masked_tokens = [a + m for a, m in zip(self._masked_tokens, (before - after).tolist())]
             if self.compact_after_prune and videos and (frames or mframes):
                 cache.compact()
                 if mirror is not None:
                     mirror.compact()
-            return sorted(set(frames) | set(mframes))
+            masked = sorted(set(frames) | set(mframes))
+            self._masked_frames.update(masked)
+            return masked
 
-    @staticmethod
-    def extra(trim_forwards: int, masked_frames: list[int], masked_tokens: list[int]) -> dict:
+    def extra(self, trim_forwards: int) -> dict:
         """Rollout fields of a block's TokenTrim record: ``trim_forwards`` (the forwards TokenTrim
         added: aborted and regenerated passes), ``masked_frames`` (absolute cache frames masked for
-        this block) and ``masked_tokens`` (cache tokens newly masked, per video; sink never counted)."""
-        return {"trim_forwards": trim_forwards, "masked_frames": list(masked_frames),
-                "masked_tokens": list(masked_tokens)}
+        this block) and ``masked_tokens`` (cache tokens newly masked, per video; sink never counted),
+        the totals of the prunes since ``start_block``."""
+        return {"trim_forwards": trim_forwards, "masked_frames": sorted(self._masked_frames),
+                "masked_tokens": list(self._masked_tokens)}
 
     def after_block(self, cache, mirror=None) -> None:
         """Undo the masks when they do not persist (``persist=False``)."""

@@ -352,21 +352,18 @@ class RollingForcingRollout(RolloutBase):
         tcfg = hook.config
         B = x.shape[0]
         sl = slice(k * bf, (k + 1) * bf)
+        hook.start_block()
         d = first = hook.decide(x0[:, sl], prev, b)
         prev_frames = list(range((b - 1) * bf, b * bf))
         final_sev = list(first.severity)
         regen = [0] * B
         passes = n = 0
         eligible = [True] * B
-        masked_frames: list[int] = []
-        masked_tokens = [0] * B
         while tcfg.max_regenerations > 0 and any(p and eligible[v] for v, p in enumerate(d.prune)):
             videos = [v for v in range(B) if d.prune[v] and eligible[v]]
             frames = hook.prune(self.cache, d, videos, prev_frames, self.refresh_cache)
             if not frames:
                 break  # nothing maskable (no cached non-sink frame in scope): no regeneration
-            masked_frames = sorted(set(masked_frames) | set(frames))
-            masked_tokens = [a + m for a, m in zip(masked_tokens, hook.last_masked)]
             passes += 1
             for v in videos:
                 regen[v] += 1
@@ -383,11 +380,9 @@ class RollingForcingRollout(RolloutBase):
             if passes >= tcfg.max_regenerations:
                 break
         if tcfg.max_regenerations == 0 and first.any_prune:
-            masked_frames = hook.prune(self.cache, first, [v for v in range(B) if first.prune[v]], prev_frames,
-                                       self.refresh_cache)
-            masked_tokens = list(hook.last_masked)
+            hook.prune(self.cache, first, [v for v in range(B) if first.prune[v]], prev_frames, self.refresh_cache)
         record = hook.controller.accept(first, final_severity=final_sev, regenerated=regen)
-        record.update(hook.extra(n, masked_frames, masked_tokens))
+        record.update(hook.extra(n))
         return x0, record, passes, n
 
 

@@ -263,6 +263,7 @@ class SelfForcingRollout(RolloutBase):
             state["d"] = d
             return state["allow"] and d.any_prune
 
+        hook.start_block()
         x0, cand, forwards = self._denoise(noise, b, detect, on_candidate)
         first = d = state["d"]
         summary = cand  # per video: the candidate of the pass finally accepted
@@ -272,13 +273,10 @@ class SelfForcingRollout(RolloutBase):
         final_sev = list(first.severity)
         regen = [0] * B
         passes = 0
-        masked_frames: list[int] = []
-        masked_tokens = [0] * B
         while x0 is None:  # some video flagged and a regeneration allowed
             videos = [v for v in range(B) if d.prune[v]]
             # the block's own K/V are not committed yet: only the cached context is masked
-            masked_frames = sorted(set(masked_frames) | set(hook.prune(self.cache, d, videos, prev_frames)))
-            masked_tokens = [a + n for a, n in zip(masked_tokens, hook.last_masked)]
+            hook.prune(self.cache, d, videos, prev_frames)
             passes += 1
             for v in videos:
                 regen[v] += 1
@@ -311,10 +309,9 @@ class SelfForcingRollout(RolloutBase):
             x0 = best
         if max_regen == 0 and first.any_prune:
             # no regeneration allowed: the masks apply to later blocks only
-            masked_frames = hook.prune(self.cache, first, [v for v in range(B) if first.prune[v]], prev_frames)
-            masked_tokens = list(hook.last_masked)
+            hook.prune(self.cache, first, [v for v in range(B) if first.prune[v]], prev_frames)
         record = hook.controller.accept(first, final_severity=final_sev, regenerated=regen)
-        record.update(hook.extra(forwards - S, masked_frames, masked_tokens))
+        record.update(hook.extra(forwards - S))
         return x0, summary, record, passes, forwards
 
     def _refresh(self, x0: torch.Tensor, b: int) -> None:
