@@ -651,12 +651,7 @@ def _load_and_generate(args, on_block, model_dir, prompts, paths, trim_cfg, num_
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
-    base_meta = {
-        "pipeline": args.pipeline, "model_dir": str(model_dir), "checkpoint": source, "seed": args.seed,
-        "height": args.height, "width": args.width, "fps": 16, "device": str(device), "dtype": str(dtype),
-        "trim": trim_cfg.to_dict() if (args.trim or args.compare) else None, "compare": args.compare,
-        "argv": sys.argv, "prompt_schedule": getattr(args, "_schedule", None),
-    }
+    base_meta = _base_meta(args, model_dir, source, device, dtype, trim_cfg)
     if job is not None:
         return _run_job(job, model, vae, texts, starts, prompts, paths, args, trim_cfg, num_blocks, on_block, base_meta)
     written = []
@@ -666,19 +661,35 @@ def _load_and_generate(args, on_block, model_dir, prompts, paths, trim_cfg, num_
                                          trim_cfg, num_blocks, on_block, base_meta, video_offset=start)
         written += [o for o in outputs if o.final_path is not None]
         if status == "interrupted":
-            for o in outputs:
-                where = o.final_path or "nothing (no block had finished)"
-                print(f"interrupted: {len(o.records)} finished block(s) saved to {where}", file=sys.stderr)
+            _report(outputs, "interrupted")
             return EXIT_INTERRUPTED
-    for o in written:
-        extra = ", ".join(p.name for p in (o.json_path, o.png_path) if p is not None)
-        print(f"wrote {o.final_path} ({o.writer.frames_written} frames) + {extra}", file=sys.stderr)
+    _report(written, "complete")
     return 0
+
+
+def _base_meta(args, model_dir, source: str, device, dtype, trim_cfg, **extra) -> dict:
+    """The run's settings for every video's telemetry JSON (``extra``: e.g. ``sp``)."""
+    return {
+        "pipeline": args.pipeline, "model_dir": str(model_dir), "checkpoint": source, "seed": args.seed,
+        "height": args.height, "width": args.width, "fps": 16, "device": str(device), "dtype": str(dtype),
+        "trim": trim_cfg.to_dict() if (args.trim or args.compare) else None, "compare": args.compare,
+        "argv": sys.argv, "prompt_schedule": getattr(args, "_schedule", None), **extra,
+    }
+
+
+def _report(outputs, status: str) -> None:
+    """One stderr line per output: where an interrupted run's finished blocks went, or what was written."""
+    for o in outputs:
+        if status == "interrupted":
+            where = o.final_path or "nothing (no block had finished)"
+            print(f"interrupted: {len(o.records)} finished block(s) saved to {where}", file=sys.stderr)
+        else:
+            extra = ", ".join(p.name for p in (o.json_path, o.png_path) if p is not None)
+            print(f"wrote {o.final_path} ({o.writer.frames_written} frames) + {extra}", file=sys.stderr)
 
 
 def _run_job(job, model, vae, texts, starts, prompts, paths, args, trim_cfg, num_blocks, on_block, base_meta) -> int:
     """This rank's batches of a data-parallel job; the summary and the exit code come from ``job.close``."""
-
     with sigterm_as_interrupt():
         try:
             for start, text in zip(starts, texts):
@@ -824,12 +835,7 @@ def _run_sp(args, on_block, ctx, num_blocks, dtype, prompts, paths) -> int:
         if switches:
             args._switches = [(b, t.to(device)) for b, t in switches]
         model.sequence_parallel = distributed.SequenceParallel()
-        base_meta = {
-            "pipeline": args.pipeline, "model_dir": str(model_dir), "checkpoint": source, "seed": args.seed,
-            "height": args.height, "width": args.width, "fps": 16, "device": str(device), "dtype": str(dtype),
-            "trim": trim_cfg.to_dict() if (args.trim or args.compare) else None, "compare": args.compare,
-            "argv": sys.argv, "prompt_schedule": getattr(args, "_schedule", None), "sp": args.sp,
-        }
+        base_meta = _base_meta(args, model_dir, source, device, dtype, trim_cfg, sp=args.sp)
         outputs: list[VideoOutput] = []
         try:
             status, _ = generate_batch(model, vae, text, prompts, paths, args, trim_cfg, num_blocks, on_block,
@@ -840,13 +846,7 @@ def _run_sp(args, on_block, ctx, num_blocks, dtype, prompts, paths) -> int:
             print(f"tokentrim generate --sp: rank {ctx.rank} failed: {type(e).__name__}: {e}"
                   + (f" ({saved or 'no block had finished'})" if ctx.is_main else ""), file=sys.stderr)
             return 1
-        for o in outputs:
-            if status == "interrupted":
-                where = o.final_path or "nothing (no block had finished)"
-                print(f"interrupted: {len(o.records)} finished block(s) saved to {where}", file=sys.stderr)
-            else:
-                extra = ", ".join(p.name for p in (o.json_path, o.png_path) if p is not None)
-                print(f"wrote {o.final_path} ({o.writer.frames_written} frames) + {extra}", file=sys.stderr)
+        _report(outputs, status)
         return EXIT_INTERRUPTED if status == "interrupted" else 0
 
 
