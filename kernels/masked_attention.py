@@ -124,6 +124,20 @@ def _online_step(q, k_ptrs, v_ptrs, ok, m_i, l_i, acc, qk_scale, MASKED: tl.cons
 
 
 @triton.jit
+def _row_block(Lq, H, BLOCK_M: tl.constexpr):
+    """This program's (batch, head) and its BLOCK_M query rows (grid axes 0 = row block, 1 = b*H + h)."""
+    pid_bh = tl.program_id(1)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    return pid_bh, (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64), offs_m, offs_m < Lq
+
+
+@triton.jit
+def _store_rows(O, out, b, h, offs_m, offs_d, row_ok, sob, sol, soh):
+    o_ptrs = O + b * sob + h * soh + offs_m.to(tl.int64)[:, None] * sol + offs_d[None, :]
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
 def _masked_attn_fwd(
     Q, K, V, O, OS, LSE, KV_LEN, TILES, COUNTS,
     sqb, sql, sqh,
@@ -137,15 +151,9 @@ def _masked_attn_fwd(
     FULL_N: tl.constexpr, PART_N: tl.constexpr, SPLITS: tl.constexpr,
     HAS_KEEP: tl.constexpr, HAS_KV_LEN: tl.constexpr, IEEE_DOT: tl.constexpr,
 ):  # fmt: skip
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh, b, h, offs_m, row_ok = _row_block(Lq, H, BLOCK_M)
     pid_s = tl.program_id(2)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < Lq
     q = tl.load(Q + b * sqb + h * sqh + offs_m.to(tl.int64)[:, None] * sql + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
@@ -212,8 +220,7 @@ def _masked_attn_fwd(
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     if SPLITS == 1:
-        o_ptrs = O + b * sob + h * soh + offs_m.to(tl.int64)[:, None] * sol + offs_d[None, :]
-        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
+        _store_rows(O, out, b, h, offs_m, offs_d, row_ok, sob, sol, soh)
     else:
         # OS [S, B, H, Lq, D] fp32, LSE [S, B, H, Lq] fp32 (base 2, -inf for a row without keys)
         row = ((pid_s * tl.num_programs(1) + pid_bh).to(tl.int64) * Lq + offs_m).to(tl.int64)
@@ -228,13 +235,8 @@ def _merge_splits(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, SPLITS: tl.constexpr,
 ):  # fmt: skip
     """o = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M); rows whose splits all lack keys are 0."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid_bh, b, h, offs_m, row_ok = _row_block(Lq, H, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < Lq
     m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     for s in tl.static_range(SPLITS):
         row = (s * BH + pid_bh).to(tl.int64) * Lq + offs_m
@@ -249,8 +251,7 @@ def _merge_splits(
         den += w
         acc += w[:, None] * o_s
     out = acc / tl.where(den == 0.0, 1.0, den)[:, None]
-    o_ptrs = O + b * sob + h * soh + offs_m.to(tl.int64)[:, None] * sol + offs_d[None, :]
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
+    _store_rows(O, out, b, h, offs_m, offs_d, row_ok, sob, sol, soh)
 
 
 #: fp32 inputs (exact IEEE dots, for tests) fit shared memory only with a small tile

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .validate import FLOAT_DTYPES, check_tensor
+from .validate import FLOAT_DTYPES, check_same_device, check_tensor
 
 
 def check_rows(name: str, x, B: int, T: int, dim: int) -> None:
@@ -27,6 +27,23 @@ def check_out_dtype(out_dtype) -> None:
         raise TypeError(f"out_dtype must be one of float32, float16, bfloat16, got {out_dtype!r}")
 
 
+def check_layer(layer, L: int) -> None:
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < L:
+        raise ValueError(f"layer must be an int in [0, {L}), got {layer!r}")
+
+
+def check_rope_tables(cos, sin, rows: str, n: int, D: int) -> None:
+    """cos and sin: [n, D/2] fp32 tables, stride 1 last, shared strides; ``rows`` names n in messages."""
+    if D % 2:
+        raise ValueError(f"head dim D must be even for RoPE, got {D}")
+    for name, t in (("cos", cos), ("sin", sin)):
+        check_tensor(name, t, ndim=2, dtypes=(torch.float32,))
+        if tuple(t.shape) != (n, D // 2) or t.stride(1) != 1:
+            raise ValueError(f"{name} must be a [{rows}={n}, D/2={D // 2}] fp32 table with stride 1, got {tuple(t.shape)}")
+    if sin.stride(0) != cos.stride(0):
+        raise ValueError(f"cos and sin must share strides, got {cos.stride()} and {sin.stride()}")
+
+
 def check_qk_norm_rope_inputs(q, k, v, wq, wk, cos, sin, kv, layer, start, k_raw, n_raw) -> tuple:
     """Validate ``qk_norm_rope`` inputs; return (B, T, dim, H, D)."""
     check_tensor("q", q, ndim=3, dtypes=FLOAT_DTYPES)
@@ -42,16 +59,8 @@ def check_qk_norm_rope_inputs(q, k, v, wq, wk, cos, sin, kv, layer, start, k_raw
             f"kv must be [layers, 2, B={B}, C, H, D] with H*D = dim={dim} and contiguous (H, D), got "
             f"shape {tuple(kv.shape)} strides {kv.stride()}"
         )
-    if D % 2:
-        raise ValueError(f"head dim D must be even for RoPE, got {D}")
-    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < L:
-        raise ValueError(f"layer must be an int in [0, {L}), got {layer!r}")
-    for name, x in (("cos", cos), ("sin", sin)):
-        check_tensor(name, x, ndim=2, dtypes=(torch.float32,))
-        if tuple(x.shape) != (T, D // 2) or x.stride(1) != 1:
-            raise ValueError(f"{name} must be a [T={T}, D/2={D // 2}] fp32 table with stride 1, got {tuple(x.shape)}")
-    if sin.stride(0) != cos.stride(0):
-        raise ValueError(f"cos and sin must share strides, got {cos.stride()} and {sin.stride()}")
+    check_layer(layer, L)
+    check_rope_tables(cos, sin, "T", T, D)
     check_tensor("start", start, ndim=1, dtypes=(torch.int32, torch.int64))
     if start.shape[0] != B:
         raise ValueError(f"start must be [B={B}], got shape {tuple(start.shape)}")
@@ -64,11 +73,7 @@ def check_qk_norm_rope_inputs(q, k, v, wq, wk, cos, sin, kv, layer, start, k_raw
             raise ValueError(
                 f"k_raw must be [B={B}, >= n_raw={n_raw}, H={H}, D={D}] with contiguous (H, D), got {tuple(k_raw.shape)}"
             )
-    named = (("k", k), ("v", v), ("wq", wq), ("wk", wk), ("cos", cos), ("sin", sin), ("kv", kv), ("start", start),
-             ("k_raw", k_raw))
-    for name, x in named:
-        if x is not None and x.device != q.device:
-            raise ValueError(f"{name} is on {x.device} but q is on {q.device}; all inputs must share a device")
+    check_same_device(q=q, k=k, v=v, wq=wq, wk=wk, cos=cos, sin=sin, kv=kv, start=start, k_raw=k_raw)
     return B, T, dim, H, D
 
 
@@ -133,21 +138,11 @@ def check_rope_into_inputs(x, cos, sin, kv, layer) -> tuple:
     B, L, H, D = x.shape
     if x.stride(3) != 1 or x.stride(2) != D:
         raise ValueError(f"x must have contiguous (H, D) dims, got strides {x.stride()}")
-    if D % 2:
-        raise ValueError(f"head dim D must be even for RoPE, got {D}")
     check_tensor("kv", kv, ndim=6, dtypes=FLOAT_DTYPES)
     if kv.shape[1] != 2 or kv.shape[2] != B or kv.shape[3] < L or tuple(kv.shape[4:]) != (H, D) or kv.stride(-1) != 1 \
             or kv.stride(-2) != D:
         raise ValueError(f"kv must be [layers, 2, B={B}, >= L={L}, H={H}, D={D}] with contiguous (H, D), got {tuple(kv.shape)}")
-    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < kv.shape[0]:
-        raise ValueError(f"layer must be an int in [0, {kv.shape[0]}), got {layer!r}")
-    for name, t in (("cos", cos), ("sin", sin)):
-        check_tensor(name, t, ndim=2, dtypes=(torch.float32,))
-        if tuple(t.shape) != (L, D // 2) or t.stride(1) != 1:
-            raise ValueError(f"{name} must be a [L={L}, D/2={D // 2}] fp32 table with stride 1, got {tuple(t.shape)}")
-    if sin.stride(0) != cos.stride(0):
-        raise ValueError(f"cos and sin must share strides, got {cos.stride()} and {sin.stride()}")
-    for name, t in (("cos", cos), ("sin", sin), ("kv", kv)):
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all inputs must share a device")
+    check_layer(layer, kv.shape[0])
+    check_rope_tables(cos, sin, "L", L, D)
+    check_same_device(x=x, cos=cos, sin=sin, kv=kv)
     return B, L, H, D
