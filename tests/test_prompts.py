@@ -54,6 +54,19 @@ def test_self_forcing_schedule_joins_the_single_prompt_runs(setup):
     assert not torch.allclose(recached2.latents[:, 6:], switched.latents[:, 6:], atol=1e-5)
 
 
+def test_recache_keeps_pruned_tokens_masked_in_place(setup):
+    # recache rewrites blocks at their uncompacted slots: by default (compact_after_prune None) a
+    # pruning run that re-caches must mask in place, exactly like compact_after_prune=False
+    import dataclasses
+
+    model, p1, p2 = setup
+    trim = TokenTrimConfig(force="always", warmup=1)
+    runs = [SelfForcingRollout(model, dataclasses.replace(SF, compact_after_prune=c), trim=trim)
+            .run(p1, 5, 4, 4, seed=2, prompts=[(3, p2)], recache=True) for c in (None, False)]
+    assert runs[0].records[3]["recached"] == [1, 2] and any(r.get("prune") == [True] for r in runs[0].records[:3])
+    assert torch.equal(runs[0].latents, runs[1].latents)
+
+
 def test_rolling_forcing_switches_when_the_block_enters_the_window(setup):
     model, p1, p2 = setup
     plain = RollingForcingRollout(model, RF).run(p1, 5, 4, 4, seed=3)

@@ -79,7 +79,7 @@ class SelfForcingConfig:
         refresh_last_block: also run the timestep-0 cache refresh after the last block.
         compact_after_prune: delete pruned cache tokens right after masking (needs persist), so
             attention cost follows the kept keys; None (default) = whenever the masks persist
-            (``trim.persist``), False = keep them masked in place.
+            (``trim.persist``) and the run does not re-cache, False = keep them masked in place.
         use_graphs: capture the cached forward into CUDA graphs (CUDA only).
     """
 
@@ -140,9 +140,12 @@ class SelfForcingRollout(RolloutBase):
         check_int("seed", seed, 0)
         check_int("video_offset", video_offset, 0)
         switches = check_prompts(prompts, num_blocks)
-        if recache and self.config.compact_after_prune:
-            raise ValueError("recache=True rewrites cached blocks in place: it cannot be combined with "
-                             "SelfForcingConfig.compact_after_prune=True")
+        compact = self.config.compact_after_prune
+        if recache:  # re-caching rewrites each block at its uncompacted slot: pruned tokens stay masked
+            if compact:
+                raise ValueError("recache=True rewrites cached blocks in place: it cannot be combined with "
+                                 "SelfForcingConfig.compact_after_prune=True")
+            compact = False
         tpf = self.facts.tokens_per_frame(height, width)
         ctx, batch = prepare_text(self.model, text)
         schedule = PromptSchedule(self.model, ctx, batch, switches)
@@ -151,7 +154,7 @@ class SelfForcingRollout(RolloutBase):
         self.cache = self._make_cache(batch, tpf, num_blocks)
         self.positions = PositionRebaser(self.model, [self.cache], self.position_limit)
         self.runner = GraphRunner(self.model, ctx, self.cache, enabled=self.use_graphs, compile=self.compile)
-        self.hook = TrimHook(self.trim, batch, cfg.compact_after_prune)
+        self.hook = TrimHook(self.trim, batch, compact)
         self.recorder = BlockRecorder(facts.device)
         self._shape = (batch, cfg.block_frames, facts.channels, height, width)
         self._seed = seed
