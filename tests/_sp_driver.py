@@ -21,8 +21,9 @@ from tokentrim.distributed import SequenceParallel
 
 def rebase_case(sp) -> dict:
     """Self Forcing on the tiny model with a 7-position RoPE limit (re-bases every few blocks),
-    TokenTrim forced on every block (persisting masks: the cache compacts pruned tokens) and a
-    prompt switch at block 3 with a re-cache (kv-only forwards), with ``model.sequence_parallel =
+    TokenTrim forced on every block (persisting masks, kept in place: a re-cache rewrites blocks at
+    their slots, so it never compacts) and a prompt switch at block 3 with a re-cache (kv-only
+    forwards), with ``model.sequence_parallel =
     sp`` (None = one process). Returns what the test compares."""
     from tokentrim.config import TokenTrimConfig
     from tokentrim.model import WanConfig, WanModel

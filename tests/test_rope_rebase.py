@@ -135,6 +135,27 @@ def test_self_forcing_rebased_equals_plain():
     torch.testing.assert_close(rebased.latents, plain.latents, rtol=1e-4, atol=1e-4)
 
 
+def test_self_forcing_rebased_with_compaction_equals_masks_in_place():
+    # TokenTrim on every block: the compacted cache (pruned tokens deleted) re-based every few
+    # blocks gives the masked-in-place run's latents
+    import dataclasses
+
+    from tokentrim.config import TokenTrimConfig
+
+    model = _tiny()
+    text = torch.randn(1, 8, 64, generator=torch.Generator().manual_seed(1))
+    cfg = SelfForcingConfig(denoising_steps=(1000, 500), cache_frames=9, sink_frames=3)
+    trim = TokenTrimConfig(force="always", warmup=1)
+    runs = []
+    for compact in (True, False):
+        r = SelfForcingRollout(model, dataclasses.replace(cfg, compact_after_prune=compact), trim=trim,
+                               position_limit=7)
+        runs.append(r.run(text, 6, 4, 6, seed=3))
+        assert len(r.positions.events) >= 2 and r.hook.compact_after_prune is compact
+    assert any(p == [True] for p in (b.get("prune") for b in runs[0].records))
+    torch.testing.assert_close(runs[0].latents, runs[1].latents, rtol=1e-4, atol=1e-4)
+
+
 def test_rolling_forcing_rebased_equals_plain_with_raw_sink_and_refresh_cache():
     model = _tiny(1)
     text = torch.randn(1, 8, 64, generator=torch.Generator().manual_seed(2))
