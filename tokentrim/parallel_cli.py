@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
@@ -19,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from tokentrim import distributed
-from tokentrim.safeio import sigterm_as_interrupt
+from tokentrim import distributed, safeio
+from tokentrim.safeio import OutputLock, sigterm_as_interrupt
 
 
 def _check_sp(args, parser, num_heads: int, where: str) -> None:
@@ -86,7 +87,7 @@ def run_rollout_job(args) -> int:
         text = _text_embeddings(args, parser, cfg, args.num_videos)  # None: --batch (also --sp)
         if args.sp > 1:
             return _run_sp(args, parser, ctx, model, text, dtype, preset, trim)
-        return _run_dp(args, parser, ctx, model, text, dtype, preset, trim, _make_rollout)
+        return _run_dp(args, parser, ctx, model, text, dtype, preset, trim)
     finally:
         ctx.close()
 
@@ -99,14 +100,30 @@ def _decisions(records: list[dict]) -> list:
 def _run_sp(args, parser, ctx, model, text, dtype, preset, trim) -> int:
     import torch.distributed as dist
 
-    from tokentrim import telemetry
-    from tokentrim.cli import _make_rollout, rollout_meta
+    from tokentrim.cli import _make_rollout
 
     with torch.no_grad():  # the same weights on every rank, whatever the init did
         for p in model.parameters():
             dist.broadcast(p.data, src=0)
     model.sequence_parallel = distributed.SequenceParallel()
     rollout = _make_rollout(args, parser, model, trim)
+    with contextlib.ExitStack() as lock:  # rank 0 writes: one run at a time per --out, like one process
+        error = None
+        if ctx.is_main:
+            try:
+                lock.enter_context(OutputLock(os.path.join(args.out, "latents.pt")))
+            except ValueError as e:
+                error = str(e)
+        error = ctx.broadcast_object(error)
+        if error is not None:
+            parser.error(error)
+        return _run_sp_locked(args, ctx, rollout, text, dtype, preset, trim)
+
+
+def _run_sp_locked(args, ctx, rollout, text, dtype, preset, trim) -> int:
+    from tokentrim import telemetry
+    from tokentrim.cli import rollout_meta
+
     result = rollout.run(text.to(ctx.device), args.blocks, args.height, args.width, seed=args.seed,
                          progress=args.progress and ctx.is_main)
     # every rank saw the same gathered latents, so the decisions must agree; check, never assume
@@ -116,15 +133,14 @@ def _run_sp(args, parser, ctx, model, text, dtype, preset, trim) -> int:
         return 1
     if not ctx.is_main:
         return 0
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.save(result.latents, out / "latents.pt")
+    out = Path(args.out)  # checked and created by cli._resolve; each file written whole or not at all
+    safeio.atomic_write(out / "latents.pt", lambda t: torch.save(result.latents, t))
     meta = dict(rollout_meta(args, ctx.device, dtype, preset, trim), sp=args.sp, timings=result.timings,
                 cache_heads_per_rank=rollout.cache.num_heads, cache_kv_bytes_per_rank=rollout.cache.kv_nbytes,
                 summary=rollout.controller.summary() if rollout.controller is not None else None)
-    telemetry.save_json(result.records, out / "telemetry.json", meta)
-    telemetry.plot(result.records, out / "telemetry.png",
-                   title=f"{args.pipeline} --sp {args.sp}: TokenTrim {'on' if trim.enabled else 'off'}")
+    safeio.atomic_write_text(out / "telemetry.json", telemetry.to_json(result.records, meta))
+    title = f"{args.pipeline} --sp {args.sp}: TokenTrim {'on' if trim.enabled else 'off'}"
+    safeio.atomic_write(out / "telemetry.png", lambda t: telemetry.plot(result.records, t, title=title))
     t = result.timings
     print(f"{args.pipeline} --sp {args.sp}: {t['latent_frames']} latent frames in {t['total_s']:.2f} s "
           f"({t['latent_fps']:.2f} latent frames/s, {t['pixel_fps']:.2f} pixel frames/s)")
@@ -157,12 +173,11 @@ def _write_video(out: Path, v: int, latents: torch.Tensor, records: list[dict], 
     return final
 
 
-def _run_dp(args, parser, ctx, model, text, dtype, preset, trim, make_rollout) -> int:
-    from tokentrim.cli import rollout_meta
+def _run_dp(args, parser, ctx, model, text, dtype, preset, trim) -> int:
+    from tokentrim.cli import _make_rollout, rollout_meta
     from tokentrim.generate import _video_record
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)  # checked and created by cli._resolve
     n = text.shape[0]
     base = dict(rollout_meta(args, ctx.device, dtype, preset, trim), num_videos=n, world_size=ctx.world)
     job = distributed.DataParallelJob(ctx, n, out / "ranks", out / "summary.json", meta=base)
@@ -174,7 +189,7 @@ def _run_dp(args, parser, ctx, model, text, dtype, preset, trim, make_rollout) -
                 vs = list(range(start, min(start + args.batch, mine.stop)))
                 job.start(*vs)
                 try:
-                    rollout = make_rollout(args, parser, model, trim)
+                    rollout = _make_rollout(args, parser, model, trim)
                     result = rollout.run(text[vs[0]: vs[-1] + 1].to(ctx.device), args.blocks, args.height, args.width,
                                          seed=args.seed, progress=args.progress and ctx.is_main, video_offset=vs[0])
                 except Exception as e:
