@@ -437,6 +437,13 @@ def masked_attention(
         o [B,Lq,H,D] in q's dtype (``out`` when given). Host sync: none (unless check_range).
     """
     check_attention_inputs(q, k, v, keep, kv_len)
+    return masked_attention_unchecked(q, k, v, keep, kv_len, scale, out, check_range, tiles, splits, config)
+
+
+def masked_attention_unchecked(q, k, v, keep=None, kv_len=None, scale=None, out=None, check_range: bool = False,
+                               tiles=None, splits: int | None = None, config=None):
+    """``masked_attention`` for a caller that ran ``check_attention_inputs`` already
+    (``tokentrim.ops``, once per layer call); the Triton-specific checks still run."""
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
     if D not in HEAD_DIMS:
@@ -515,6 +522,7 @@ def masked_attention(
 
 __all__ = [
     "masked_attention",
+    "masked_attention_unchecked",
     "attention_plan",
     "AttentionPlan",
     "plan_width",

@@ -165,11 +165,12 @@ def masked_attention(
     resolved = resolve_backend(backend, q.device, "masked_attention")
     if resolved == "flash-attn":
         return flash.masked_attention(q, k, v, keep=keep, kv_len=kv_len, scale=scale)
+    # checked above: the backends skip their own copy of check_attention_inputs (one call per layer)
     if resolved == "triton":
-        return _kernel("masked_attention").masked_attention(
+        return _kernel("masked_attention").masked_attention_unchecked(
             q, k, v, keep=keep, kv_len=kv_len, scale=scale, tiles=tiles
         )
-    return reference.masked_attention(q, k, v, keep=keep, kv_len=kv_len, scale=scale)
+    return reference.masked_attention_unchecked(q, k, v, keep=keep, kv_len=kv_len, scale=scale)
 
 
 def compact_kv(kv, keep, kv_len, backend: str = "auto", check_range: bool = False):

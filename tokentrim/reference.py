@@ -90,10 +90,16 @@ def masked_attention(q, k, v, keep=None, kv_len=None, scale=None):
     cost follows the cache length (one host read of a CPU tensor, no device sync).
     """
     check_attention_inputs(q, k, v, keep, kv_len)
+    if kv_len is not None and kv_len.device.type == "cpu":
+        check_kv_len_range(kv_len, k.shape[1])
+    return masked_attention_unchecked(q, k, v, keep, kv_len, scale)
+
+
+def masked_attention_unchecked(q, k, v, keep=None, kv_len=None, scale=None):
+    """``masked_attention`` for a caller that ran its checks already (``tokentrim.ops``: the input
+    checks and the CPU kv_len range, once per layer call)."""
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
-    if kv_len is not None and kv_len.device.type == "cpu":
-        check_kv_len_range(kv_len, Lk)
     scale = D**-0.5 if scale is None else float(scale)
     mask = attention_mask(keep, kv_len, B, Lk, q.device)  # [B, Lk]
     if q.device.type == "cpu" and Lk > 0:
