@@ -29,8 +29,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .validate import FLOAT_DTYPES
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-_FLOAT = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def t_band(head_dim: int) -> int:
@@ -82,7 +83,7 @@ def rope_rebase_(k: torch.Tensor, delta: torch.Tensor, theta: float = 10000.0) -
     Returns:
         k (rotated in place). Host sync: none.
     """
-    if not isinstance(k, torch.Tensor) or k.dtype not in _FLOAT or k.dim() < 2:
+    if not isinstance(k, torch.Tensor) or k.dtype not in FLOAT_DTYPES or k.dim() < 2:
         raise TypeError(f"k must be a float32/float16/bfloat16 tensor [..., D] with >= 2 dims, got "
                         f"{getattr(k, 'dtype', type(k).__name__)} {tuple(getattr(k, 'shape', ()))}")
     D = k.shape[-1]

@@ -47,4 +47,4 @@ def masked_attention(q, k, v, keep=None, kv_len=None, scale=None):
         return flash_attn_with_kvcache(q, k, v, softmax_scale=scale)
     seqlens = kv_len.clamp(0, k.shape[1]).to(torch.int32)
     o = flash_attn_with_kvcache(q, k, v, cache_seqlens=seqlens, softmax_scale=scale)
-    return o.masked_fill((seqlens == 0)[:, None, None, None], 0.0)
+    return o.masked_fill_((seqlens == 0)[:, None, None, None], 0.0)  # o is fresh: no second output

@@ -215,12 +215,8 @@ def rope_rebase(k, delta, theta: float = 10000.0, backend: str = "auto"):
         raise TypeError(f"delta must be an int or a 0-dim integer tensor, got {type(delta).__name__}")
     if isinstance(delta, int):
         delta = torch.tensor(delta, dtype=torch.int64, device=k.device)
-    if resolve_backend(backend, k.device) == "triton":
+    if resolve_backend(backend, k.device, "rope_rebase") == "triton":
         return _kernel("rope_rebase").rope_rebase_(k, delta, theta)
-    if delta.dim() != 0 or delta.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"delta must be a 0-dim int32/int64 tensor, got {delta.dtype} {tuple(delta.shape)}")
-    if k.dtype not in (torch.float32, torch.float16, torch.bfloat16) or k.dim() < 2 or k.shape[-1] < 6 or k.shape[-1] % 2:
-        raise ValueError(f"k must be a float tensor [..., D] with even D >= 6, got {k.dtype} {tuple(k.shape)}")
     return reference.rope_rebase(k, delta, theta)
 
 

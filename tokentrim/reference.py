@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from tokentrim.kernels.validate import (
+    FLOAT_DTYPES,
     check_attention_inputs,
     check_compact_inputs,
     check_drift_inputs,
@@ -224,6 +225,10 @@ def rope_rebase(k: torch.Tensor, delta, theta: float = 10000.0) -> torch.Tensor:
     tensor) frames: pair i of the temporal band turns by delta * theta**(-2i/band) (angles in
     float64, cos/sin in fp32, rotation in fp32); the spatial bands are untouched.
     """
+    if isinstance(delta, torch.Tensor) and (delta.dim() != 0 or delta.dtype not in (torch.int32, torch.int64)):
+        raise TypeError(f"delta must be a 0-dim int32/int64 tensor, got {delta.dtype} {tuple(delta.shape)}")
+    if k.dtype not in FLOAT_DTYPES or k.dim() < 2 or k.shape[-1] < 6 or k.shape[-1] % 2:
+        raise ValueError(f"k must be a float tensor [..., D] with even D >= 6, got {k.dtype} {tuple(k.shape)}")
     D = k.shape[-1]
     band = D - 4 * (D // 6)
     d = delta.to(device=k.device, dtype=torch.float64) if isinstance(delta, torch.Tensor) else torch.tensor(
