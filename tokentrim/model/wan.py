@@ -364,8 +364,7 @@ class WanModel(nn.Module):
         (raw sink slot (start, count) or None, whether the raw sink is complete). A caller that
         compiles ``forward_cached`` passes it as ``host_state`` so the traced code never reads the
         cache's frame list (which would guard, and recompile, on every committed-frame count)."""
-        done = bool(cache.raw_sink) and cache.sink_frames > 0 and len(cache.frames) >= cache.sink_frames
-        return cache.raw_sink_slot(T), done
+        return cache.raw_sink_slot(T), _sink_done(cache)
 
     def forward_cached(self, x, t, ctx, cache, frame_start, kv_only: bool = False, host_state=None, fused=None):
         """One block of frames against the KV cache (does not commit).
@@ -415,7 +414,7 @@ class WanModel(nn.Module):
         fused = fused and sp is None  # the fused path writes q/k/v straight into the cache: no exchange
         if host_state is None or not fused:
             host_state = None
-            sink_done = raw_sink and cache.sink_frames > 0 and len(cache.frames) >= cache.sink_frames
+            sink_done = _sink_done(cache)
         else:
             sink_done = host_state[1]
         if sink_done:
@@ -536,9 +535,13 @@ def _position(cache, frame):
     cache's ``position_base`` (0 until a re-base). A tensor frame is offset by the device-side base,
     so a captured graph stays valid after a re-base. Host sync: none."""
     if isinstance(frame, torch.Tensor):
-        base = getattr(cache, "position_base_t", None)
-        return frame if base is None else frame - base
-    return frame - getattr(cache, "position_base", 0)
+        return frame - cache.position_base_t
+    return frame - cache.position_base
+
+
+def _sink_done(cache) -> bool:
+    """Whether ``cache``'s raw sink is complete (its keys are re-rotated every forward). Host only."""
+    return bool(cache.raw_sink) and cache.sink_frames > 0 and len(cache.frames) >= cache.sink_frames
 
 
 def _sink_rope_start(cache, frame_start):
