@@ -122,19 +122,16 @@ class TokenTrimController:
     # ------------------------------------------------------------------------------------- state
     def reset(self) -> None:
         """Forget the statistics and records (start of new videos). Host sync: none."""
-        B = self.batch_size
-        self.count = [0] * B  # accepted blocks per video
-        self._mean = [0.0] * B
-        self._m2 = [0.0] * B  # cumulative: sum of squared deviations; ema: the variance itself
+        self.reset_statistics()
         self.records: list[dict] = []
 
     def reset_statistics(self) -> None:
         """Restart the running statistics of every video (a prompt switch: the next accepted blocks
         warm up again and nothing is pruned before); the records are kept. Host sync: none."""
         B = self.batch_size
-        self.count = [0] * B
+        self.count = [0] * B  # accepted blocks per video
         self._mean = [0.0] * B
-        self._m2 = [0.0] * B
+        self._m2 = [0.0] * B  # cumulative: sum of squared deviations; ema: the variance itself
 
     def stats(self, video: int) -> tuple[float, float]:
         """(mu, sigma) of video ``video``'s accepted severities; (nan, nan) before the first."""
@@ -144,19 +141,19 @@ class TokenTrimController:
         var = self._m2[video] / n if self.config.stats == "cumulative" else self._m2[video]
         return self._mean[video], math.sqrt(max(var, 0.0))
 
-    def _observe(self, severities) -> None:
+    def _observe(self, severities, what: str = "accepted severity") -> None:
         """Feed one accepted severity per video into the running statistics: all videos or, when
-        any value is bad, none (the statistics are left untouched)."""
+        any value is bad, none (every value is checked before anything changes)."""
         xs = []
         for b, x in enumerate(severities):
             x = None if x is None else float(x)
             if x is None or not math.isfinite(x):
-                raise ValueError(f"accepted severity of video {b} must be finite, got {x}")
+                raise ValueError(f"{what} of video {b} must be finite, got {x}")
             xs.append(x)
         if len(xs) != self.batch_size:
             raise ValueError(f"expected {self.batch_size} accepted severities (one per video), got {len(xs)}")
         a = 1.0 - self.config.ema_decay
-        count, mean, m2 = list(self.count), list(self._mean), list(self._m2)
+        count, mean, m2 = self.count, self._mean, self._m2
         for b, x in enumerate(xs):
             count[b] += 1
             n = count[b]
@@ -170,7 +167,6 @@ class TokenTrimController:
                 delta = x - mean[b]
                 mean[b] += a * delta
                 m2[b] = (1.0 - a) * (m2[b] + a * delta * delta)
-        self.count, self._mean, self._m2 = count, mean, m2
 
     def warming_up(self, video: int) -> bool:
         return self.count[video] < self.config.warmup
@@ -288,10 +284,6 @@ class TokenTrimController:
             if len(regen) != B or not all(isinstance(r, (bool, int)) and r >= 0 for r in regen):
                 raise ValueError(f"regenerated must be {B} bools or non-negative ints, got {regenerated!r}")
             regen = [int(r) for r in regen]
-        for b, x in enumerate(final):
-            if not math.isfinite(x):
-                raise ValueError(f"final_severity of video {b} must be finite, got {x}")
-
         record = {
             "block": decision.block_index,
             "k": decision.k,
@@ -309,7 +301,7 @@ class TokenTrimController:
             "accepted_severity": [_json_float(x) for x in final],
             "decide_ms": decision.decide_s * 1e3,
         }
-        self._observe(final)  # every check passed: nothing below can fail half-way
+        self._observe(final, "final_severity")  # checks every value first: all videos or none
         self.records.append(record)
         decision.accepted = True
         return record

@@ -73,7 +73,6 @@ class PromptSchedule:
             self.switches[block] = c
         # the runner's own context: switches copy into it, the caller's tensors are never written
         self.ctx = type(ctx)(ctx.k.clone(), ctx.v.clone()) if self.switches else ctx
-        self.current = 0
 
     def switch_at(self, block: int) -> bool:
         """Copy the prompt that starts at ``block`` (if any) into the runner context. Host sync: none."""
@@ -82,15 +81,13 @@ class PromptSchedule:
             return False
         self.ctx.k.copy_(new.k)
         self.ctx.v.copy_(new.v)
-        self.current = block
         return True
 
 
 def reset_trim_statistics(hook) -> None:
     """Restart TokenTrim's running statistics (records are kept): the next blocks warm up again."""
-    c = getattr(hook, "controller", None)
-    if c is not None:
-        c.reset_statistics()
+    if hook.controller is not None:  # None: TokenTrim off
+        hook.controller.reset_statistics()
 
 
 def recache_recent(rollout, blocks_x0: dict, block_frames: int) -> list[int]:
