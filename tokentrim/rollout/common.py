@@ -167,6 +167,15 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def take_videos(base: torch.Tensor, new: torch.Tensor, videos, dim: int = 0) -> torch.Tensor:
+    """A copy of ``base`` whose ``videos`` (indices along ``dim``) come from ``new``. Per-video
+    slicing: no mask tensor built from host data, so no host-to-device copy."""
+    out = base.clone()
+    for v in videos:
+        out.select(dim, v).copy_(new.select(dim, v))
+    return out
+
+
 def _kept_tokens(cache, frames: list[int]) -> torch.Tensor:
     """[B] int64 (device): committed, kept tokens of ``cache`` in the absolute ``frames``."""
     inside = torch.zeros_like(cache.keep)
@@ -226,7 +235,7 @@ class TrimHook:
         Host sync: one (the masked-token counts).
         """
         with nvtx_range("prune", block=decision.block_index):
-            sink = set(cache.frames[: cache.sink_frames])
+            sink = set(cache.sink_frame_list)
             if self.config.scope == "previous":
                 frames = [f for f in prev_frames if f in cache.frames]
                 if cache.raw_sink:
@@ -256,6 +265,16 @@ class TrimHook:
             masked = sorted(set(frames) | set(mframes))
             self._masked_frames.update(masked)
             return masked
+
+    def finish(self, cache, first, final_severity, regenerated, prev_frames, trim_forwards: int, mirror=None) -> dict:
+        """Accept the block's first decision ``first`` with the severities finally accepted and
+        return its record (controller fields + ``extra``). Without regenerations allowed
+        (max_regenerations 0) the flagged videos' masks are applied now: to later blocks only."""
+        if self.config.max_regenerations == 0 and first.any_prune:
+            self.prune(cache, first, [v for v in range(len(first.prune)) if first.prune[v]], prev_frames, mirror)
+        record = self.controller.accept(first, final_severity=final_severity, regenerated=regenerated)
+        record.update(self.extra(trim_forwards))
+        return record
 
     def extra(self, trim_forwards: int) -> dict:
         """Rollout fields of a block's TokenTrim record: ``trim_forwards`` (the forwards TokenTrim

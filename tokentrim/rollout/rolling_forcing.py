@@ -90,6 +90,7 @@ from tokentrim.rollout.common import (
     check_int,
     check_steps,
     prepare_text,
+    take_videos,
 )
 from tokentrim.rollout.graphs import GraphRunner
 from tokentrim.rollout.positions import PositionRebaser
@@ -370,19 +371,14 @@ class RollingForcingRollout(RolloutBase):
             with nvtx_range("regenerate", block=b, attempt=passes):
                 x0_new = self._window(x, t, fs)
             n += 1
-            x0 = x0.clone()  # per-video selection by slicing: no mask built from host data
-            for v in videos:
-                x0[v] = x0_new[v]
+            x0 = take_videos(x0, x0_new, videos)
             d = hook.decide(x0[:, sl], prev, b)
             for v in videos:
                 final_sev[v] = d.severity[v]
             eligible = [v in videos for v in range(B)]
             if passes >= tcfg.max_regenerations:
                 break
-        if tcfg.max_regenerations == 0 and first.any_prune:
-            hook.prune(self.cache, first, [v for v in range(B) if first.prune[v]], prev_frames, self.refresh_cache)
-        record = hook.controller.accept(first, final_severity=final_sev, regenerated=regen)
-        record.update(hook.extra(n))
+        record = hook.finish(self.cache, first, final_sev, regen, prev_frames, n, self.refresh_cache)
         return x0, record, passes, n
 
 

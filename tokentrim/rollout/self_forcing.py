@@ -60,6 +60,7 @@ from tokentrim.rollout.common import (
     check_int,
     check_steps,
     prepare_text,
+    take_videos,
 )
 from tokentrim.rollout.graphs import GraphRunner
 from tokentrim.rollout.positions import PositionRebaser
@@ -283,11 +284,8 @@ class SelfForcingRollout(RolloutBase):
             passes += 1
             for v in videos:
                 regen[v] += 1
-            # per-video selection by slicing (no mask tensor built from host data: no copy to the device)
             if not tcfg.same_noise:
-                fresh, noise = self._noise(b, attempt=passes), noise.clone()
-                for v in videos:
-                    noise[:, v] = fresh[:, v]
+                noise = take_videos(noise, self._noise(b, attempt=passes), videos, dim=1)
             state["eligible"] = [v in videos for v in range(B)]
             state["allow"] = passes < max_regen
             with nvtx_range("regenerate", block=b, attempt=passes):
@@ -296,25 +294,14 @@ class SelfForcingRollout(RolloutBase):
             d = state["d"]
             for v in videos:
                 final_sev[v] = d.severity[v]  # the regenerated candidate vs the previous block
-            summary = summary.clone()
-            for v in videos:
-                summary[v] = cand[v]
+            summary = take_videos(summary, cand, videos)
             full = x0 if x0 is not None else (cand if detect == S - 1 else None)
-            if full is None or best is None:
-                best = full
-            else:
-                best = best.clone()
-                for v in videos:
-                    best[v] = full[v]
+            best = full if full is None or best is None else take_videos(best, full, videos)
         if passes:
             # videos not regenerated in the last pass keep their own earlier result (equal when
             # it was recomputed: same noise, cache unchanged for them)
             x0 = best
-        if max_regen == 0 and first.any_prune:
-            # no regeneration allowed: the masks apply to later blocks only
-            hook.prune(self.cache, first, [v for v in range(B) if first.prune[v]], prev_frames)
-        record = hook.controller.accept(first, final_severity=final_sev, regenerated=regen)
-        record.update(hook.extra(forwards - S))
+        record = hook.finish(self.cache, first, final_sev, regen, prev_frames, forwards - S)
         return x0, summary, record, passes, forwards
 
     def _refresh(self, x0: torch.Tensor, b: int) -> None:
