@@ -94,6 +94,7 @@ def test_bad_input_clear_errors(videos, capsys):
         ([videos["static"], videos["bright"], "--split"], "exactly one video"),
         ([videos["static"], "--window", "1"], "--window"),
         ([videos["static"], "--telemetry", str(d / "none.json")], "no such telemetry file"),
+        ([videos["static"], "--json", str(d)], "--json"),  # a folder, refused before any decode
     ]
     for argv, msg in cases:
         with pytest.raises(SystemExit) as e:

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from tokentrim import telemetry
+from tokentrim import safeio, telemetry
 
 METRICS = ("flicker", "mean_drift", "std_drift", "luminance_drift", "hist_distance", "luminance")
 BINS = 32
@@ -322,6 +322,12 @@ def run(args) -> int:
     parser = args._parser
     if args.window < 2:
         parser.error(f"--window must be >= 2, got {args.window}")
+    try:  # the outputs first: a bad path must not cost a decode
+        for flag in ("json", "png"):
+            if getattr(args, flag):
+                safeio.check_output_file(getattr(args, flag), f"--{flag}")
+    except ValueError as e:
+        parser.error(str(e))
     try:
         report = evaluate(args.videos, args.window, args.split, args.telemetry)
     except EvalError as e:
@@ -335,10 +341,10 @@ def run(args) -> int:
         d = c["mean_diff"]
         print(f"{c['second']} - {c['first']}: flicker {d['flicker']:+.3f}, colour drift {d['mean_drift']:+.3f}, "
               f"histogram distance {d['hist_distance']:+.4f}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(telemetry._clean(report), indent=1))
+    if args.json:  # whole files or none (safeio): an interrupted write never leaves half a report
+        safeio.atomic_write_text(args.json, json.dumps(telemetry._clean(report), indent=1))
         print(f"wrote {args.json}")
     if args.png:
-        plot(report["videos"], args.png, report.get("telemetry"))
+        safeio.atomic_write(args.png, lambda t: plot(report["videos"], t, report.get("telemetry")))
         print(f"wrote {args.png}")
     return 0
