@@ -148,6 +148,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _wants_cuda(args) -> bool:
+    """--device cuda, or auto with a GPU."""
+    import torch
+
+    return args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+
+
+def _default_preset(args) -> str:
+    """--preset, else the 1.3B model on CUDA and tiny on CPU."""
+    return args.preset or ("wan2.1-t2v-1.3b" if _wants_cuda(args) else "tiny")
+
+
 def _resolve(args, parser):
     """Check the arguments that argparse cannot; returns (device, dtype, preset, trim config)."""
     import torch
@@ -156,9 +168,9 @@ def _resolve(args, parser):
 
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
+    preset = _default_preset(args)
+    device = torch.device("cuda" if _wants_cuda(args) else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    preset = args.preset or ("wan2.1-t2v-1.3b" if device.type == "cuda" else "tiny")
     big = preset == "wan2.1-t2v-1.3b"
     args.height = args.height or (60 if big else 16)
     args.width = args.width or (104 if big else 16)

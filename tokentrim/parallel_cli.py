@@ -58,6 +58,7 @@ def run_rollout_job(args) -> int:
     from tokentrim.cli import (
         _build_model,
         _check_limits,
+        _default_preset,
         _make_rollout,
         _memory_check,
         _resolve,
@@ -65,9 +66,7 @@ def run_rollout_job(args) -> int:
     )
 
     parser = args._parser
-    # first of all, before _resolve checks and creates --out; the preset is the one _resolve picks
-    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    _check(args, parser, args.preset or ("wan2.1-t2v-1.3b" if cuda else "tiny"))
+    _check(args, parser, _default_preset(args))  # first of all, before _resolve checks and creates --out
     device, dtype, preset, trim = _resolve(args, parser)
     # the estimate (per rank with --sp; every block is kept: rollout.run), before any work
     if args.dry_run and _memory_check(args, parser, device, dtype, preset, keep_output=True):
