@@ -127,9 +127,7 @@ class _Recorder:
         if ident in self._seen:
             return
         self._seen.add(ident)
-        kw = {"constexprs": constexprs, "signature": signature, "options": options}
         src = jit.ASTSource(jit, signature, constexprs, attrs)
-        options = kw["options"]
         t0 = time.perf_counter()
         compiled = triton.compile(src, target=TARGET, options=options.__dict__)
         dt = time.perf_counter() - t0
@@ -141,7 +139,7 @@ class _Recorder:
             "num_stages": options.num_stages,
             "constexprs": {
                 (k if isinstance(k, str) else jit.arg_names[k[0]]): v
-                for k, v in kw["constexprs"].items()
+                for k, v in constexprs.items()
                 if isinstance(v, (int, float, bool, str)) and (not isinstance(k, tuple) or len(k) == 1)
             },
             "shared_bytes": int(compiled.metadata.shared),
