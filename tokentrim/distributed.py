@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from tokentrim.safeio import atomic_write_text, deferred_signals
+from tokentrim.safeio import atomic_write_text, deferred_signals, sigterm_as_interrupt
 
 __all__ = ["DataParallelJob", "DistContext", "SequenceParallel", "contiguous_share", "init", "launched"]
 
@@ -274,7 +274,8 @@ def _write_json(path: Path, data) -> None:
 class DataParallelJob:
     """This rank's share of a job of ``num_videos`` videos, its status file and the merged summary.
 
-    Use: ``for v in job.videos``; ``job.start(v)`` before a video (or a batch: ``job.start(*vs)``),
+    Use: ``job.run(batches, work)`` over batches of ``job.videos``, or by hand: ``job.start(v)``
+    before a video (or a batch: ``job.start(*vs)``),
     ``job.finished(v, entry)`` with its summary entry once its outputs are on disk,
     ``job.failed(vs, error)`` on an exception (the rank then stops), ``job.interrupted()`` on
     Ctrl-C/SIGTERM; at the end ``code = job.close()``: the ranks exchange their entries (gloo),
@@ -320,6 +321,25 @@ class DataParallelJob:
     def interrupted(self) -> None:
         self.status["state"] = "interrupted"
         self._save()
+
+    def run(self, batches, work) -> int:
+        """Run this rank's ``batches`` (lists of video indices) in order: ``start``, then
+        ``work(videos)``, which calls ``finished`` for each video once its outputs are on disk. An
+        exception in ``work`` fails that batch and stops the rank (what finished stays on disk);
+        Ctrl-C/SIGTERM (or ``work`` raising KeyboardInterrupt) marks the rank interrupted. Returns
+        ``close()``'s exit code."""
+        with sigterm_as_interrupt():
+            try:
+                for videos in batches:
+                    self.start(*videos)
+                    try:
+                        work(videos)
+                    except Exception as e:
+                        self.failed(videos, e)
+                        break
+            except KeyboardInterrupt:
+                self.interrupted()
+            return self.close()
 
     # -------------------------------------------------------------------------------- end
     def close(self) -> int:

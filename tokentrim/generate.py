@@ -690,29 +690,23 @@ def _report(outputs, status: str) -> None:
 
 def _run_job(job, model, vae, texts, starts, prompts, paths, args, trim_cfg, num_blocks, on_block, base_meta) -> int:
     """This rank's batches of a data-parallel job; the summary and the exit code come from ``job.close``."""
-    with sigterm_as_interrupt():
-        try:
-            for start, text in zip(starts, texts):
-                end = start + text.shape[0]
-                job.start(*range(start, end))
-                try:
-                    status, outputs = generate_batch(model, vae, text, prompts[start:end], paths[start:end], args,
-                                                     trim_cfg, num_blocks, on_block, base_meta, video_offset=start)
-                except Exception as e:  # the finished blocks are in the mp4s already
-                    job.failed(range(start, end), e)
-                    break
-                if status == "interrupted":
-                    raise KeyboardInterrupt
-                for b, o in enumerate(outputs):
-                    entry = {"video": start + b, "path": str(o.final_path), "prompt": o.prompt,
-                             "blocks": len(o.records), "pixel_frames": o.writer.frames_written,
-                             "pruned_blocks": sum(1 for r in o.records if r.get("prune") and r["prune"][0])}
-                    wall = sum(r.get("time_s") or 0.0 for r in o.records)
-                    entry["pixel_fps"] = o.writer.frames_written / wall if wall > 0 else None
-                    job.finished(start + b, entry)
-        except KeyboardInterrupt:
-            job.interrupted()
-        return job.close()
+    text_at = dict(zip(starts, texts))
+
+    def work(videos):  # a failure leaves the finished blocks in the mp4s already
+        start, end = videos[0], videos[-1] + 1
+        status, outputs = generate_batch(model, vae, text_at[start], prompts[start:end], paths[start:end], args,
+                                         trim_cfg, num_blocks, on_block, base_meta, video_offset=start)
+        if status == "interrupted":
+            raise KeyboardInterrupt
+        for b, o in enumerate(outputs):
+            entry = {"video": start + b, "path": str(o.final_path), "prompt": o.prompt,
+                     "blocks": len(o.records), "pixel_frames": o.writer.frames_written,
+                     "pruned_blocks": sum(1 for r in o.records if r.get("prune") and r["prune"][0])}
+            wall = sum(r.get("time_s") or 0.0 for r in o.records)
+            entry["pixel_fps"] = o.writer.frames_written / wall if wall > 0 else None
+            job.finished(start + b, entry)
+
+    return job.run([list(range(s, s + t.shape[0])) for s, t in zip(starts, texts)], work)
 
 
 # ------------------------------------------------------------------------------- head parallel

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from tokentrim import distributed, safeio
-from tokentrim.safeio import OutputLock, sigterm_as_interrupt
+from tokentrim.safeio import OutputLock
 
 
 def _check_sp(args, parser, num_heads: int, where: str) -> None:
@@ -181,24 +181,17 @@ def _run_dp(args, parser, ctx, model, text, dtype, preset, trim) -> int:
     base = dict(rollout_meta(args, ctx.device, dtype, preset, trim), num_videos=n, world_size=ctx.world)
     job = distributed.DataParallelJob(ctx, n, out / "ranks", out / "summary.json", meta=base)
     title = f"{args.pipeline}: TokenTrim {'on' if trim.enabled else 'off'}"
-    with sigterm_as_interrupt():
-        try:
-            mine = job.videos
-            for start in range(mine.start, mine.stop, args.batch):
-                vs = list(range(start, min(start + args.batch, mine.stop)))
-                job.start(*vs)
-                try:
-                    rollout = _make_rollout(args, parser, model, trim)
-                    result = rollout.run(text[vs[0]: vs[-1] + 1].to(ctx.device), args.blocks, args.height, args.width,
-                                         seed=args.seed, progress=args.progress and ctx.is_main, video_offset=vs[0])
-                except Exception as e:
-                    job.failed(vs, e)
-                    break
-                for b, v in enumerate(vs):
-                    records = [_video_record(r, b) for r in result.records]
-                    meta = dict(base, video=v, rank=ctx.rank, timings=result.timings)
-                    path = _write_video(out, v, result.latents[b: b + 1], records, meta, f"{title} (video {v})")
-                    job.finished(v, distributed.video_entry(result.records, result.timings, v, b, path))
-        except KeyboardInterrupt:
-            job.interrupted()
-        return job.close()
+
+    def work(vs):
+        rollout = _make_rollout(args, parser, model, trim)
+        result = rollout.run(text[vs[0]: vs[-1] + 1].to(ctx.device), args.blocks, args.height, args.width,
+                             seed=args.seed, progress=args.progress and ctx.is_main, video_offset=vs[0])
+        for b, v in enumerate(vs):
+            records = [_video_record(r, b) for r in result.records]
+            meta = dict(base, video=v, rank=ctx.rank, timings=result.timings)
+            path = _write_video(out, v, result.latents[b: b + 1], records, meta, f"{title} (video {v})")
+            job.finished(v, distributed.video_entry(result.records, result.timings, v, b, path))
+
+    mine = job.videos
+    return job.run([list(range(s, min(s + args.batch, mine.stop))) for s in range(mine.start, mine.stop, args.batch)],
+                   work)
