@@ -266,6 +266,17 @@ class SequenceParallel:
         return torch.cat(parts, dim=2)[:, :, :tokens]
 
 
+#: the per-block record fields that head-parallel ranks must agree on (they all see the same latents)
+DECISION_KEYS = ("prune", "unstable_idx", "regenerations", "masked_tokens", "recached")
+
+
+def decisions_agree(ctx, records: list[dict]) -> bool:
+    """--sp: whether every rank's TokenTrim decisions in ``records`` equal this rank's (one
+    all-gather of small host objects over the DistContext ``ctx``)."""
+    mine = [[r.get(k) for k in DECISION_KEYS] for r in records]
+    return all(d == mine for d in ctx.all_gather_object(mine))
+
+
 # ----------------------------------------------------------------------------- data parallel
 def _write_json(path: Path, data) -> None:
     atomic_write_text(path, json.dumps(data, indent=1, default=str))

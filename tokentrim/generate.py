@@ -516,13 +516,11 @@ def generate_batch(model, vae, text, prompts, paths, args, trim_cfg, num_blocks,
     return status, outputs
 
 
-_DECISION_KEYS = ("prune", "unstable_idx", "regenerations", "masked_tokens", "recached")
-
-
 def _check_same_decisions(sp, records: list[dict], index: int) -> None:
     """--sp: the TokenTrim decisions of this block (every panel) must be the same on every rank."""
-    mine = [[r.get(k) for k in _DECISION_KEYS] for r in records]
-    if any(d != mine for d in sp.all_gather_object(mine)):
+    from tokentrim.distributed import decisions_agree
+
+    if not decisions_agree(sp, records):
         raise RuntimeError(f"TokenTrim decisions differ across the --sp ranks at block {index}")
 
 

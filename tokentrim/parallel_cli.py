@@ -92,10 +92,6 @@ def run_rollout_job(args) -> int:
 
 
 # ----------------------------------------------------------------------------- head parallel
-def _decisions(records: list[dict]) -> list:
-    return [(r.get("prune"), r.get("unstable_idx"), r.get("num_regenerations")) for r in records]
-
-
 def _run_sp(args, parser, ctx, model, text, dtype, preset, trim) -> int:
     import torch.distributed as dist
 
@@ -126,8 +122,7 @@ def _run_sp_locked(args, ctx, rollout, text, dtype, preset, trim) -> int:
     result = rollout.run(text.to(ctx.device), args.blocks, args.height, args.width, seed=args.seed,
                          progress=args.progress and ctx.is_main)
     # every rank saw the same gathered latents, so the decisions must agree; check, never assume
-    mine = _decisions(result.records)
-    if any(d != mine for d in ctx.all_gather_object(mine)):
+    if not distributed.decisions_agree(ctx, result.records):
         print(f"tokentrim rollout: rank {ctx.rank}: TokenTrim decisions differ across the --sp ranks", file=sys.stderr)
         return 1
     if not ctx.is_main:
