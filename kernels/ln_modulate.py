@@ -18,15 +18,12 @@ Host syncs: none. Offsets are int64.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from .rows import as_rows, row_warps
 from .validate_fused import check_ln_inputs
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @triton.jit
@@ -70,11 +67,6 @@ def _ln_mod_kernel(
     tl.store(OUT + r * so_r + offs, n.to(OUT.dtype.element_ty), mask=mask)
 
 
-def _rows(x) -> torch.Tensor:
-    x2 = x.reshape(-1, x.shape[-1])
-    return x2 if x2.stride(-1) == 1 else x2.contiguous()
-
-
 def residual_ln_modulate(x, y, gate, weight, bias, shift, scale, eps: float, out_dtype: torch.dtype):
     """See the module docstring. x [B,F,S,dim] fp32; y like x (or None: no residual); gate/shift/
     scale: None or (table, per-frame) pairs (shift and scale both or neither); weight/bias: None or
@@ -82,8 +74,8 @@ def residual_ln_modulate(x, y, gate, weight, bias, shift, scale, eps: float, out
     check_ln_inputs(x, y, gate, weight, bias, shift, scale, out_dtype)
     B, F, S, dim = x.shape
     dev = x.device
-    x2 = _rows(x)
-    y2 = None if y is None else _rows(y)
+    x2 = as_rows(x)
+    y2 = None if y is None else as_rows(y)
     out = torch.empty(B, F, S, dim, dtype=out_dtype, device=dev)
     xo = torch.empty(B, F, S, dim, dtype=torch.float32, device=dev) if y is not None else None
     R = B * F * S
@@ -104,7 +96,7 @@ def residual_ln_modulate(x, y, gate, weight, bias, shift, scale, eps: float, out
         S, F, dim, float(eps),
         BLOCK=triton.next_power_of_2(dim), HAS_RES=y is not None, HAS_GATE=gate is not None,
         HAS_AFFINE=weight is not None, HAS_MOD=shift is not None,
-        num_warps=1 if _INTERPRET else (4 if dim <= 2048 else 8),
+        num_warps=row_warps(dim),
     )  # fmt: skip
     return xo, out
 

@@ -21,15 +21,12 @@ Host syncs: none. Offsets are int64.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from .rows import as_rows, row_warps
 from .validate_fused import check_qk_norm_rope_inputs, check_rms_norm_inputs, check_rope_into_inputs
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @triton.jit
@@ -103,10 +100,6 @@ def _rope_into_kernel(
     _rotate_store(OUT + b * so_b + t * so_t, x0, x1, c, s, offs, mask)
 
 
-def _num_warps(dim: int) -> int:
-    return 1 if _INTERPRET else (4 if dim <= 2048 else 8)
-
-
 def qk_norm_rope(q, k, v, wq, wk, cos, sin, eps: float, kv, layer: int, start, k_raw=None, n_raw: int = 0):
     """See the module docstring. Returns q_rot [B, T, H, D] in kv's dtype; writes kv (and k_raw)."""
     B, T, dim, H, D = check_qk_norm_rope_inputs(q, k, v, wq, wk, cos, sin, kv, layer, start, k_raw, n_raw)
@@ -121,7 +114,7 @@ def qk_norm_rope(q, k, v, wq, wk, cos, sin, eps: float, kv, layer: int, start, k
         kk.stride(0), kk.stride(1), raw.stride(0) if raw is not None else 0, raw.stride(1) if raw is not None else 0,
         cos.stride(0), T, dim, float(eps), int(n_raw),
         HALF_D=D // 2, BLOCK_HALF=triton.next_power_of_2(max(dim // 2, 1)),
-        HAS_KV=True, HAS_ROPE=True, HAS_RAW=raw is not None, num_warps=_num_warps(dim),
+        HAS_KV=True, HAS_ROPE=True, HAS_RAW=raw is not None, num_warps=row_warps(dim),
     )  # fmt: skip
     return qo
 
@@ -135,16 +128,14 @@ def rope_into(x, cos, sin, kv, layer: int):
     out = kv[layer, 0]
     _rope_into_kernel[(B * L,)](
         x, cos, sin, out, x.stride(0), x.stride(1), out.stride(0), out.stride(1), cos.stride(0), L, H * D,
-        HALF_D=D // 2, BLOCK_HALF=triton.next_power_of_2(max(H * D // 2, 1)), num_warps=_num_warps(H * D),
+        HALF_D=D // 2, BLOCK_HALF=triton.next_power_of_2(max(H * D // 2, 1)), num_warps=row_warps(H * D),
     )  # fmt: skip
 
 
 def rms_norm(x, w, eps: float, out_dtype: torch.dtype):
     """RMSNorm of x [..., dim] over its last dim in fp32, times w [dim], cast to out_dtype (one rounding)."""
     dim = check_rms_norm_inputs(x, w, out_dtype)
-    x2 = x.reshape(-1, dim)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2 = as_rows(x)
     out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     R = x2.shape[0]
     if R == 0:
@@ -155,7 +146,7 @@ def rms_norm(x, w, eps: float, out_dtype: torch.dtype):
         0, x2.stride(0), 0, 0, 0, 0, 0, o2.stride(0),
         0, 0, 0, 0, 0, R, dim, float(eps), 0,
         HALF_D=1, BLOCK_HALF=triton.next_power_of_2(max(dim // 2, 1)),
-        HAS_KV=False, HAS_ROPE=False, HAS_RAW=False, num_warps=_num_warps(dim),
+        HAS_KV=False, HAS_ROPE=False, HAS_RAW=False, num_warps=row_warps(dim),
     )  # fmt: skip
     return out
 

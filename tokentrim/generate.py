@@ -594,14 +594,20 @@ def _run_share(args, on_block, job, num_blocks, device, dtype, prompts, paths) -
     if _memory_check(args, model_dir, num_blocks, device, dtype, len(prompts)):
         return 0  # --dry-run
     _check_outputs(paths, args.overlay)
-    with contextlib.ExitStack() as locks:  # one run at a time per output: a second one stops here
-        for p in paths[mine.start : mine.stop]:  # data parallel: each rank locks its own videos
-            try:
-                locks.enter_context(OutputLock(p))
-            except ValueError as e:
-                raise GenerateError(str(e)) from None
+    with contextlib.ExitStack() as locks:  # data parallel: each rank locks its own videos
+        _lock_outputs(locks, paths[mine.start : mine.stop])
         return _load_and_generate(args, on_block, model_dir, prompts, paths, trim_cfg, num_blocks, device, dtype,
                                   job, mine)
+
+
+def _lock_outputs(stack: contextlib.ExitStack, paths) -> None:
+    """Hold an OutputLock on every path until ``stack`` closes: one run at a time per output, a
+    second one stops here (GenerateError naming the path)."""
+    for p in paths:
+        try:
+            stack.enter_context(OutputLock(p))
+        except ValueError as e:
+            raise GenerateError(str(e)) from None
 
 
 def _memory_check(args, model_dir, num_blocks, device, dtype, num_prompts, show: bool = True) -> bool:
@@ -790,11 +796,7 @@ def _run_sp(args, on_block, ctx, num_blocks, dtype, prompts, paths) -> int:
             _memory_check(args, model_dir, num_blocks, device, dtype, len(prompts), show=ctx.is_main)
             if ctx.is_main:
                 _check_outputs(paths, args.overlay)
-                for p in paths:
-                    try:
-                        locks.enter_context(OutputLock(p))
-                    except ValueError as e:
-                        raise GenerateError(str(e)) from None
+                _lock_outputs(locks, paths)
             model = load_transformer(args, model_dir, device, dtype)
             _check_heads(args.sp, model.config.num_heads)
         except (GenerateError, ModelFolderError) as e:
