@@ -187,15 +187,14 @@ def estimate_rollout(config, *, pipeline: str = "self-forcing", rollout_config=N
     est.weights = _transformer_bytes(cfg, dtype)
     cpu_ref = _is_cpu_reference(device, attention_backend)
     copies = 0 if not cpu_ref else (2.5 if elem == 4 else 4.5)
+    frames = rc.cache_frames_for(num_blocks)
     if pipeline == "self-forcing":
-        frames = rc.cache_frames_for(num_blocks)
         est.kv_cache = _cache_bytes(L, batch, H, hd, tpf, frames, elem)
         T, Lk = bf * tpf, frames * tpf
         steps = len(rc.denoising_steps)
         in_flight = (steps + 4) * bf  # noise of every step, x, x0, the candidate and the previous block
     else:
         S = rc.window_blocks
-        frames = rc.cache_frames_for(num_blocks)
         est.kv_cache = _cache_bytes(L, batch, H, hd, tpf, frames, elem, sink_tokens=rc.sink_frames * tpf)
         if rc.refresh_frames:
             est.kv_cache += _cache_bytes(L, batch, H, hd, tpf, rc.refresh_frames_for(num_blocks), elem)
