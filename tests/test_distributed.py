@@ -324,3 +324,38 @@ def test_summary_is_written_whole_when_sigterm_arrives_meanwhile(tmp_path, monke
     assert code == 0  # the signal came after this rank's (here: the only) exchange
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["status"] == "complete" and [e["status"] for e in summary["videos"]] == ["done"]
+
+
+def test_sp_rollout_streams_and_stops_when_the_ranks_disagree(tmp_path, capsys):
+    # rank 0's side of rollout --sp in one process: blocks stream to --out through RolloutOutput;
+    # a rank whose decisions differ at block 1 (faked: a peer that flips block 1's prune) stops the
+    # job with exit 1, and block 0 stays on disk with a "failed" status
+    from tokentrim import parallel_cli
+    from tokentrim.config import TokenTrimConfig
+    from tokentrim.model import WanConfig, WanModel
+
+    class OnePeerDisagrees:
+        rank, world, is_main, device = 0, 2, True, torch.device("cpu")
+
+        def all_gather_object(self, obj):
+            peer = [list(r) for r in obj]
+            if obj[0][0] is not None and len(self.seen) == 1:
+                peer[0][0] = [not p for p in obj[0][0]]
+            self.seen.append(obj)
+            return [obj, peer]
+
+        seen: list = []
+
+    out = tmp_path / "sp"
+    args = cli.build_parser().parse_args(["rollout", "--sp", "2", "--blocks", "3", "--out", str(out), *TRIM])
+    device, dtype, preset, trim = cli._resolve(args, args._parser)
+    torch.manual_seed(0)
+    model = WanModel(WanConfig.preset("tiny")).eval()
+    rollout = cli._make_rollout(args, args._parser, model, TokenTrimConfig(force="always", warmup=1))
+    text = torch.randn(1, 8, model.config.text_dim)
+    code = parallel_cli._run_sp_locked(args, OnePeerDisagrees(), rollout, text, dtype, preset, trim)
+    assert code == 1
+    assert "TokenTrim decisions differ across the --sp ranks at block 1" in capsys.readouterr().err
+    meta = json.loads((out / "telemetry.json").read_text())["meta"]
+    assert meta["status"].startswith("failed") and meta["blocks_written"] == 1 and meta["sp"] == 2
+    assert torch.load(out / "latents.pt", weights_only=True).shape[1] == rollout.config.block_frames

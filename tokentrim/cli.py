@@ -384,13 +384,17 @@ def _run_rollout(args, parser, device, dtype, preset, trim) -> int:
     return _stream(args, rollout, text.to(device), RolloutOutput(args.out, meta), trim)
 
 
-def _stream(args, rollout, text, output, trim) -> int:
+def _stream(args, rollout, text, output, trim, label: str | None = None, main: bool = True) -> int:
+    """Run the rollout block by block into ``output`` (``RolloutOutput`` or one with its
+    add/finish/records/frames/deferred_signal); returns the exit code. ``label`` starts the report
+    lines (default: the pipeline); ``main`` False (the other --sp ranks): no progress bar, no report."""
     from tokentrim.safeio import sigterm_as_interrupt
 
+    label = label or args.pipeline
     status, error = "complete", None
     it = rollout.iter_blocks(text, args.blocks, args.height, args.width, seed=args.seed)
     bar = None
-    if args.progress:
+    if args.progress and main:
         from tqdm import tqdm
 
         bar = tqdm(total=args.blocks, desc=rollout.name, unit="block")
@@ -411,19 +415,22 @@ def _stream(args, rollout, text, output, trim) -> int:
         timings = rollout.recorder.timings(output.frames) if rollout.recorder is not None else None
         summary = rollout.controller.summary() if rollout.controller is not None else None
         written = output.finish(status, {"timings": timings, "summary": summary},
-                                title=f"{args.pipeline}: TokenTrim {'on' if trim.enabled else 'off'}")
+                                title=f"{label}: TokenTrim {'on' if trim.enabled else 'off'}")
     if error is not None:
         raise error
     if output.deferred_signal is not None and status == "complete":
         status = "interrupted"
     files = ", ".join(str(p) for p in written.values())
     if status != "complete":
-        print(f"{args.pipeline}: interrupted: {len(output.records)} finished block(s) of {args.blocks} saved"
-              f"{' to ' + files if files else ' (none had finished)'}", file=sys.stderr)
+        if main:
+            print(f"{label}: interrupted: {len(output.records)} finished block(s) of {args.blocks} saved"
+                  f"{' to ' + files if files else ' (none had finished)'}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    if not main:
+        return 0
     t = timings
     regen = sum(r.get("num_regenerations") or 0 for r in output.records)
-    print(f"{args.pipeline}: {t['latent_frames']} latent frames in {t['total_s']:.2f} s "
+    print(f"{label}: {t['latent_frames']} latent frames in {t['total_s']:.2f} s "
           f"({t['latent_fps']:.2f} latent frames/s, {t['pixel_fps']:.2f} pixel frames/s), "
           f"{regen} regeneration(s)")
     print(f"wrote {files}")

@@ -7,7 +7,8 @@
   (per video: rank, frames/s, pruned blocks, status). Rank status files live in ``--out/ranks/``.
 - ``--sp N`` (head parallel, N = WORLD_SIZE): every rank runs the one job of ``--batch`` videos
   with 1/N of the heads; rank 0 writes the usual ``latents.pt``, ``telemetry.json``,
-  ``telemetry.png``.
+  ``telemetry.png`` block by block, like one process (an interrupted run keeps its finished
+  blocks); every block's TokenTrim decisions are checked across the ranks.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from tokentrim import distributed, safeio
+from tokentrim import distributed
 from tokentrim.safeio import OutputLock
 
 
@@ -115,31 +116,55 @@ def _run_sp(args, parser, ctx, model, text, dtype, preset, trim) -> int:
         return _run_sp_locked(args, ctx, rollout, text, dtype, preset, trim)
 
 
-def _run_sp_locked(args, ctx, rollout, text, dtype, preset, trim) -> int:
-    from tokentrim import telemetry
-    from tokentrim.cli import rollout_meta
+class _DecisionsDiffer(RuntimeError):
+    pass
 
-    result = rollout.run(text.to(ctx.device), args.blocks, args.height, args.width, seed=args.seed,
-                         progress=args.progress and ctx.is_main)
-    # every rank saw the same gathered latents, so the decisions must agree; check, never assume
-    if not distributed.decisions_agree(ctx, result.records):
-        print(f"tokentrim rollout: rank {ctx.rank}: TokenTrim decisions differ across the --sp ranks", file=sys.stderr)
+
+class _HeadParallelOutput:
+    """--sp: every finished block's TokenTrim decisions are checked across the ranks (they all see
+    the same gathered latents: check, never assume), then rank 0's ``RolloutOutput`` streams it to
+    disk; the other ranks keep only the records (``output`` None). Same interface as RolloutOutput."""
+
+    def __init__(self, ctx, rollout, output):
+        self.ctx, self.rollout, self.output = ctx, rollout, output
+        self.records: list[dict] = []
+        self.frames = 0
+        self.deferred_signal = None
+
+    def add(self, index: int, latents: torch.Tensor, record: dict) -> None:
+        if not distributed.decisions_agree(self.ctx, [record]):
+            raise _DecisionsDiffer(f"rank {self.ctx.rank}: TokenTrim decisions differ across the --sp ranks "
+                                   f"at block {index}")
+        if self.output is not None:
+            self.output.add(index, latents, record)
+        self.records.append(record)
+        self.frames += int(latents.shape[1])
+
+    def finish(self, status: str, extra_meta: dict | None = None, title: str | None = None) -> dict:
+        if self.output is None:
+            return {}
+        cache = self.rollout.cache  # this rank's share of the heads
+        extra = dict(extra_meta or {}, cache_heads_per_rank=cache.num_heads if cache is not None else None,
+                     cache_kv_bytes_per_rank=cache.kv_nbytes if cache is not None else None)
+        written = self.output.finish(status, extra, title)
+        self.deferred_signal = self.output.deferred_signal
+        return written
+
+
+def _run_sp_locked(args, ctx, rollout, text, dtype, preset, trim) -> int:
+    """Every rank runs the rollout; rank 0 writes it block by block (``cli._stream``: an
+    interrupted or failed run keeps its finished blocks, like one process)."""
+    from tokentrim.cli import _stream, rollout_meta
+    from tokentrim.rollout_out import RolloutOutput
+
+    meta = dict(rollout_meta(args, ctx.device, dtype, preset, trim), sp=args.sp)
+    output = _HeadParallelOutput(ctx, rollout, RolloutOutput(args.out, meta) if ctx.is_main else None)
+    try:
+        return _stream(args, rollout, text.to(ctx.device), output, trim, label=f"{args.pipeline} --sp {args.sp}",
+                       main=ctx.is_main)
+    except _DecisionsDiffer as e:
+        print(f"tokentrim rollout: {e}", file=sys.stderr)
         return 1
-    if not ctx.is_main:
-        return 0
-    out = Path(args.out)  # checked and created by cli._resolve; each file written whole or not at all
-    safeio.atomic_write(out / "latents.pt", lambda t: torch.save(result.latents, t))
-    meta = dict(rollout_meta(args, ctx.device, dtype, preset, trim), sp=args.sp, timings=result.timings,
-                cache_heads_per_rank=rollout.cache.num_heads, cache_kv_bytes_per_rank=rollout.cache.kv_nbytes,
-                summary=rollout.controller.summary() if rollout.controller is not None else None)
-    safeio.atomic_write_text(out / "telemetry.json", telemetry.to_json(result.records, meta))
-    title = f"{args.pipeline} --sp {args.sp}: TokenTrim {'on' if trim.enabled else 'off'}"
-    safeio.atomic_write(out / "telemetry.png", lambda t: telemetry.plot(result.records, t, title=title))
-    t = result.timings
-    print(f"{args.pipeline} --sp {args.sp}: {t['latent_frames']} latent frames in {t['total_s']:.2f} s "
-          f"({t['latent_fps']:.2f} latent frames/s, {t['pixel_fps']:.2f} pixel frames/s)")
-    print(f"wrote {out / 'latents.pt'}, {out / 'telemetry.json'}, {out / 'telemetry.png'}")
-    return 0
 
 
 # ----------------------------------------------------------------------------- data parallel
