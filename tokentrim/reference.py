@@ -229,8 +229,11 @@ def rope_rebase(k: torch.Tensor, delta, theta: float = 10000.0) -> torch.Tensor:
         raise TypeError(f"delta must be a 0-dim int32/int64 tensor, got {delta.dtype} {tuple(delta.shape)}")
     if k.dtype not in FLOAT_DTYPES or k.dim() < 2 or k.shape[-1] < 6 or k.shape[-1] % 2:
         raise ValueError(f"k must be a float tensor [..., D] with even D >= 6, got {k.dtype} {tuple(k.shape)}")
+    # deferred: tokentrim.model's package __init__ imports wan -> ops -> this module (a cycle at import)
+    from tokentrim.model.rope import rope_split
+
     D = k.shape[-1]
-    band = D - 4 * (D // 6)
+    band = rope_split(D)[0]
     d = delta.to(device=k.device, dtype=torch.float64) if isinstance(delta, torch.Tensor) else torch.tensor(
         float(delta), dtype=torch.float64, device=k.device)
     ang = d * theta ** (-torch.arange(0, band, 2, dtype=torch.float64, device=k.device) / band)
