@@ -51,7 +51,7 @@ def triton_available() -> bool:
     return True
 
 
-def resolve_backend(backend: str, device: torch.device, op: str | None = None) -> str:
+def resolve_backend(backend: str, device: torch.device, op: str) -> str:
     """Return "triton", "native" or "reference" for op ``op`` on a tensor on ``device``, or raise
     if unservable. "auto" picks "native" only for an ``op`` in ``NATIVE_OPS`` on CPU when built."""
     if backend not in BACKENDS:
@@ -71,7 +71,7 @@ def resolve_backend(backend: str, device: torch.device, op: str | None = None) -
         return "flash-attn"
     if backend == "native":
         if op not in NATIVE_OPS:
-            raise RuntimeError(f"backend='native' has no {op or 'such'} kernel (native ops: {', '.join(NATIVE_OPS)})")
+            raise RuntimeError(f"backend='native' has no {op} kernel (native ops: {', '.join(NATIVE_OPS)})")
         if device.type != "cpu":
             raise RuntimeError(f"backend='native' runs on CPU tensors, got {device.type} tensors")
         native.require()
