@@ -32,6 +32,24 @@ def check_layer(layer, L: int) -> None:
         raise ValueError(f"layer must be an int in [0, {L}), got {layer!r}")
 
 
+def check_kv_buffer(kv, B: int, *, dim: int | None = None, hd: tuple[int, int] | None = None,
+                    min_len: int | None = None) -> tuple[int, int, int]:
+    """kv: a float [layers, 2, B, C, H, D] cache buffer with contiguous (H, D), and C >= min_len,
+    H*D = dim and (H, D) = hd where given. Returns (layers, H, D)."""
+    check_tensor("kv", kv, ndim=6, dtypes=FLOAT_DTYPES)
+    L, two, Bk, C, H, D = kv.shape
+    if (two != 2 or Bk != B or (min_len is not None and C < min_len) or kv.stride(-1) != 1 or kv.stride(-2) != D
+            or (dim is not None and H * D != dim) or (hd is not None and (H, D) != hd)):
+        c = "C" if min_len is None else f">= L={min_len}"
+        heads = "H, D" if hd is None else f"H={hd[0]}, D={hd[1]}"
+        prod = "" if dim is None else f" H*D = dim={dim} and"
+        raise ValueError(
+            f"kv must be [layers, 2, B={B}, {c}, {heads}] with{prod} contiguous (H, D), got "
+            f"shape {tuple(kv.shape)} strides {kv.stride()}"
+        )
+    return L, H, D
+
+
 def check_rope_tables(cos, sin, rows: str, n: int, D: int) -> None:
     """cos and sin: [n, D/2] fp32 tables, stride 1 last, shared strides; ``rows`` names n in messages."""
     if D % 2:
@@ -52,13 +70,7 @@ def check_qk_norm_rope_inputs(q, k, v, wq, wk, cos, sin, kv, layer, start, k_raw
         check_rows(name, x, B, T, dim)
     check_weight("wq", wq, dim)
     check_weight("wk", wk, dim)
-    check_tensor("kv", kv, ndim=6, dtypes=FLOAT_DTYPES)
-    L, two, Bk, C, H, D = kv.shape
-    if two != 2 or Bk != B or H * D != dim or kv.stride(-1) != 1 or kv.stride(-2) != D:
-        raise ValueError(
-            f"kv must be [layers, 2, B={B}, C, H, D] with H*D = dim={dim} and contiguous (H, D), got "
-            f"shape {tuple(kv.shape)} strides {kv.stride()}"
-        )
+    L, H, D = check_kv_buffer(kv, B, dim=dim)
     check_layer(layer, L)
     check_rope_tables(cos, sin, "T", T, D)
     check_tensor("start", start, ndim=1, dtypes=(torch.int32, torch.int64))
@@ -138,11 +150,7 @@ def check_rope_into_inputs(x, cos, sin, kv, layer) -> tuple:
     B, L, H, D = x.shape
     if x.stride(3) != 1 or x.stride(2) != D:
         raise ValueError(f"x must have contiguous (H, D) dims, got strides {x.stride()}")
-    check_tensor("kv", kv, ndim=6, dtypes=FLOAT_DTYPES)
-    if kv.shape[1] != 2 or kv.shape[2] != B or kv.shape[3] < L or tuple(kv.shape[4:]) != (H, D) or kv.stride(-1) != 1 \
-            or kv.stride(-2) != D:
-        raise ValueError(f"kv must be [layers, 2, B={B}, >= L={L}, H={H}, D={D}] with contiguous (H, D), got {tuple(kv.shape)}")
-    check_layer(layer, kv.shape[0])
+    check_layer(layer, check_kv_buffer(kv, B, hd=(H, D), min_len=L)[0])
     check_rope_tables(cos, sin, "L", L, D)
     check_same_device(x=x, cos=cos, sin=sin, kv=kv)
     return B, L, H, D
