@@ -20,19 +20,16 @@ because the top-k sort holds a whole row (next power of two of N) in one program
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from .rows import INTERPRET
 from .validate import check_drift_inputs, check_finite
 
 MAX_N = 32768  # tokens per frame the single-program top-k sort accepts (832x480 latents: N = 1560)
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-if _INTERPRET:  # the interpreter fails with more than one autotune config
+if INTERPRET:  # the interpreter fails with more than one autotune config
     _DRIFT_CONFIGS = [triton.Config({"BLOCK_T": 64}, num_warps=4)]
 else:
     _DRIFT_CONFIGS = [triton.Config({"BLOCK_T": bt}, num_warps=nw) for bt in (32, 64, 128) for nw in (2, 4)]
@@ -40,7 +37,7 @@ else:
 # of that sort spilled 4 bytes at 4 warps (triton 3.7.1) and at 8 warps with BLOCK_T 32/64 (triton
 # 3.6.0); 2 warps compiled spill-free on both, so the experimental single launch runs 2 warps.
 _SINGLE_CONFIGS = (
-    _DRIFT_CONFIGS if _INTERPRET else [triton.Config({"BLOCK_T": bt}, num_warps=2) for bt in (32, 64, 128)]
+    _DRIFT_CONFIGS if INTERPRET else [triton.Config({"BLOCK_T": bt}, num_warps=2) for bt in (32, 64, 128)]
 )
 
 

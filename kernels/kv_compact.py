@@ -18,15 +18,12 @@ Two steps, no host sync (graph-safe):
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from .rows import INTERPRET
 from .validate import check_compact_inputs
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @triton.jit
@@ -89,14 +86,14 @@ def compact_kv(kv: torch.Tensor, keep: torch.Tensor, kv_len: torch.Tensor) -> to
     G = lead_off.numel()
 
     # 32 tokens x 128 dims per step: 64 spilled 16 bytes at 4 warps in the sm_90a compile (bench/aot.py)
-    block_l = 16 if _INTERPRET else 32
+    block_l = 16 if INTERPRET else 32
     block_d = triton.next_power_of_2(D)
     _compact_kernel[(G * B * H,)](
         kv, lead_off, cs, kv_len,
         kv.stride(-4), kv.stride(-3), kv.stride(-2), cs.stride(0),
         B, H, L, D,
         BLOCK_L=block_l, BLOCK_D=block_d,
-        num_warps=1 if _INTERPRET else 4,
+        num_warps=1 if INTERPRET else 4,
     )  # fmt: skip
     return new_len
 

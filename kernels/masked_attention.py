@@ -34,22 +34,21 @@ Under ``TRITON_INTERPRET=1`` the tiles shrink (FULL_TILE 32, PART_TILE 16) so th
 from __future__ import annotations
 
 import functools
-import os
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
+from .rows import INTERPRET
 from .validate import check_attention_inputs, check_kv_len_range
 
 HEAD_DIMS = (64, 128)
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 _LOG2E = 1.4426950408889634
 
 #: keys per full tile (the unit of the mask-free loop) and per partial tile (one 64-bit keep word)
-FULL_TILE = 32 if _INTERPRET else 128
-PART_TILE = 16 if _INTERPRET else 64
+FULL_TILE = 32 if INTERPRET else 128
+PART_TILE = 16 if INTERPRET else 64
 MAX_SPLITS = 4
 #: split-KV: programs below this many waves of SMs are split ...
 SPLIT_BELOW_WAVES = 4
@@ -79,7 +78,7 @@ INTERP_CONFIG = (16, 16, 1, 1)
 
 
 def _configs():
-    rows = [INTERP_CONFIG] if _INTERPRET else GPU_CONFIGS
+    rows = [INTERP_CONFIG] if INTERPRET else GPU_CONFIGS
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in rows]
 
 
@@ -260,7 +259,7 @@ FP32_CONFIG = (64, 64, 4, 2)
 
 def _prune_configs(configs, named_args, **kwargs):
     """fp32 (IEEE_DOT) launches use FP32_CONFIG only: BLOCK_N 128 fp32 K/V rings exceed 227 KB."""
-    if kwargs.get("IEEE_DOT", named_args.get("IEEE_DOT")) and not _INTERPRET:
+    if kwargs.get("IEEE_DOT", named_args.get("IEEE_DOT")) and not INTERPRET:
         m, n, w, st = FP32_CONFIG
         return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)]
     return configs
@@ -512,10 +511,10 @@ def masked_attention_unchecked(q, k, v, keep=None, kv_len=None, scale=None, out=
             *args, **meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages
         )
     if splits > 1:
-        bm = 16 if _INTERPRET else 64
+        bm = 16 if INTERPRET else 64
         _merge_splits[(triton.cdiv(Lq, bm), B * H)](
             out, o_split, lse, out.stride(0), out.stride(1), out.stride(2), Lq, H, B * H,
-            HEAD_DIM=D, BLOCK_M=bm, SPLITS=splits, num_warps=1 if _INTERPRET else 4,
+            HEAD_DIM=D, BLOCK_M=bm, SPLITS=splits, num_warps=1 if INTERPRET else 4,
         )  # fmt: skip
     return out
 

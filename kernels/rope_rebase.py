@@ -23,15 +23,12 @@ Precision: one rounding to k's dtype per re-base (bf16: about 2**-9 relative per
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from .rows import INTERPRET
 from .validate import FLOAT_DTYPES
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def t_band(head_dim: int) -> int:
@@ -109,14 +106,14 @@ def rope_rebase_(k: torch.Tensor, delta: torch.Tensor, theta: float = 10000.0) -
     cos, sin = rebase_cos_sin(delta, D, theta)
     NP = cos.numel()
     R = k3.shape[1]
-    block_r = 16 if _INTERPRET else 64
+    block_r = 16 if INTERPRET else 64
     grid = (triton.cdiv(R, block_r), G)
     _rebase_kernel[grid](
         k3, cos, sin,
         k3.stride(0), k3.stride(1),
         R,
         NP=NP, BLOCK_R=block_r, BLOCK_P=triton.next_power_of_2(NP),
-        num_warps=1 if _INTERPRET else 4,
+        num_warps=1 if INTERPRET else 4,
     )  # fmt: skip
     return k
 

@@ -1,5 +1,5 @@
 """Launch helpers of the row-wise kernels (``ln_modulate``, ``qk_norm_rope``): one program per row
-of the last dimension."""
+of the last dimension. Also ``INTERPRET``, shared by every kernel module's launch sizes."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import os
 
 import torch
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+#: Triton's interpreter is on (TRITON_INTERPRET set before import): launchers pick tiny tiles/warps
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def as_rows(x: torch.Tensor) -> torch.Tensor:
@@ -18,4 +19,4 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
 
 def row_warps(dim: int) -> int:
     """Warps of a program that owns one row of ``dim`` elements (1 under the interpreter)."""
-    return 1 if _INTERPRET else (4 if dim <= 2048 else 8)
+    return 1 if INTERPRET else (4 if dim <= 2048 else 8)
