@@ -82,14 +82,16 @@ def _configs():
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in rows]
 
 
-def _lk_bucket(lk: int) -> int:
-    return min(1 << max(lk - 1, 0).bit_length(), 1 << 17)
+def _bucket(n: int, cap: int) -> int:
+    """Autotune key of a length n: the next power of two >= n (1 for n <= 1), at most cap."""
+    return min(1 << max(n - 1, 0).bit_length(), cap)
 
 
 @triton.jit
 def _online_step(q, k_ptrs, v_ptrs, ok, m_i, l_i, acc, qk_scale, MASKED: tl.constexpr, IEEE_DOT: tl.constexpr):
     """One key step of the online softmax. MASKED: ``ok`` [BLOCK_N] selects attended keys (loads of
-    the others give 0, their scores -inf); otherwise every key is attended (no mask, no select)."""
+    the others give 0, their scores -inf); otherwise every key is attended (no mask, no select; ok
+    is not read and may be None)."""
     if MASKED:
         k = tl.load(k_ptrs, mask=ok[:, None], other=0.0)
     else:
@@ -160,8 +162,6 @@ def _masked_attn_fwd(
     if HAS_KEEP:
         n_full = tl.load(COUNTS + 2 * b)
         n_part = tl.load(COUNTS + 2 * b + 1)
-        kvl = Lk
-        part0 = 0
     else:
         if HAS_KV_LEN:
             kvl = tl.minimum(tl.maximum(tl.load(KV_LEN + b), 0), Lk).to(tl.int32)
@@ -184,7 +184,6 @@ def _masked_attn_fwd(
     offs_n0 = tl.arange(0, BLOCK_N)
     k_off = (offs_n0 * skl)[:, None] + offs_d[None, :]
     v_off = (offs_n0 * svl)[:, None] + offs_d[None, :]
-    ok_all = offs_n0 >= 0  # unused by the unmasked step
     for i in range(f_lo, f_hi):
         if HAS_KEEP:
             tile = tl.load(TILES + b * stiles_b + i)
@@ -194,7 +193,7 @@ def _masked_attn_fwd(
             start = (tile * FULL_N + j * BLOCK_N).to(tl.int64)
             m_i, l_i, acc = _online_step(
                 q, k_base + start * skl + k_off, v_base + start * svl + v_off,
-                ok_all, m_i, l_i, acc, qk_scale, False, IEEE_DOT,
+                None, m_i, l_i, acc, qk_scale, False, IEEE_DOT,  # no mask: every key attended
             )  # fmt: skip
 
     offs_p0 = tl.arange(0, PART_N)
@@ -350,11 +349,13 @@ def attention_plan(keep: torch.Tensor, kv_len: torch.Tensor | None) -> Attention
     return AttentionPlan(tiles, counts)
 
 
-def _check_plan(plan, B: int, Lk: int, device) -> AttentionPlan:
+def _check_plan(plan, B: int, Lk: int, width: int, device) -> AttentionPlan:
+    """``plan`` as an AttentionPlan of [B, width] / [B, 2] int32 tensors on device (width =
+    ``plan_width(Lk)``, Lk for the message only), made contiguous where its strides differ."""
     if not isinstance(plan, (tuple, list)) or len(plan) != 2:
         raise ValueError("tiles must be attention_plan(keep, kv_len): a pair (tiles, counts)")
     plan = AttentionPlan(*plan)
-    want = {"tiles": (B, plan_width(Lk)), "counts": (B, 2)}
+    want = {"tiles": (B, width), "counts": (B, 2)}
     for name, shape in want.items():
         t = getattr(plan, name)
         if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or t.dtype != torch.int32:
@@ -471,8 +472,11 @@ def masked_attention_unchecked(q, k, v, keep=None, kv_len=None, scale=None, out=
 
     scale = D**-0.5 if scale is None else float(scale)
     if keep is not None:
-        plan_t, counts = attention_plan(keep, kv_len) if tiles is None else _check_plan(tiles, B, Lk, q.device)
-        n_fslots, n_part, _ = plan_sections(Lk)
+        n_fslots, n_part, width = plan_sections(Lk)
+        if tiles is None:
+            plan_t, counts = attention_plan(keep, kv_len)
+        else:
+            plan_t, counts = _check_plan(tiles, B, Lk, width, q.device)
         stiles_b, part_off, bits_off = plan_t.stride(0), n_fslots, n_fslots + n_part
     else:
         plan_t = counts = None
@@ -491,7 +495,7 @@ def masked_attention_unchecked(q, k, v, keep=None, kv_len=None, scale=None, out=
         out.stride(0), out.stride(1), out.stride(2),
         stiles_b, part_off, bits_off,
         Lq, Lk, H, scale * _LOG2E,
-        min(1 << max(Lq - 1, 0).bit_length(), 1 << 15), _lk_bucket(Lk),
+        _bucket(Lq, 1 << 15), _bucket(Lk, 1 << 17),
     )  # fmt: skip
     meta = dict(
         HEAD_DIM=D, FULL_N=FULL_TILE, PART_N=PART_TILE, SPLITS=splits,
