@@ -129,12 +129,14 @@ def _transformer_bytes(config, dtype: torch.dtype) -> int:
     return n + sum(b.numel() * b.element_size() for b in model.buffers())
 
 
-def _cache_bytes(layers, batch, heads, head_dim, tpf, frames, elem, sink_tokens=0) -> int:
-    """KVCache.nbytes plus its index tables, for ``frames`` frames of ``tpf`` tokens."""
-    C = frames * tpf
-    kv = layers * 2 * batch * C * heads * head_dim * elem
-    meta = batch * C * (1 + 4 + 4) + batch * 4 + C * (8 + 4 + 4)  # keep, token_frame/pos, length, tables
-    return kv + meta + layers * batch * sink_tokens * heads * head_dim * elem
+def _cache_bytes(layers, batch, heads, head_dim, tpf, frames, dtype, sink_frames=0, raw_sink=False) -> int:
+    """``KVCache.nbytes`` of the cache built with these arguments (on the meta device: nothing is
+    allocated) plus its per-slot index tables (int64 offsets, int32 frame and position of each slot)."""
+    from tokentrim.cache import KVCache  # cache.py imports this module
+
+    cache = KVCache(layers, batch, heads, head_dim, tpf, frames, sink_frames=sink_frames, raw_sink=raw_sink,
+                    dtype=dtype, device="meta")
+    return cache.nbytes + frames * tpf * (8 + 4 + 4)
 
 
 def _forward_act(batch, T, Lk, d, f, elem, attention_copies: float) -> int:
@@ -189,15 +191,15 @@ def estimate_rollout(config, *, pipeline: str = "self-forcing", rollout_config=N
     copies = 0 if not cpu_ref else (2.5 if elem == 4 else 4.5)
     frames = rc.cache_frames_for(num_blocks)
     if pipeline == "self-forcing":
-        est.kv_cache = _cache_bytes(L, batch, H, hd, tpf, frames, elem)
+        est.kv_cache = _cache_bytes(L, batch, H, hd, tpf, frames, dtype, sink_frames=rc.sink_frames)
         T, Lk = bf * tpf, frames * tpf
         steps = len(rc.denoising_steps)
         in_flight = (steps + 4) * bf  # noise of every step, x, x0, the candidate and the previous block
     else:
         S = rc.window_blocks
-        est.kv_cache = _cache_bytes(L, batch, H, hd, tpf, frames, elem, sink_tokens=rc.sink_frames * tpf)
+        est.kv_cache = _cache_bytes(L, batch, H, hd, tpf, frames, dtype, sink_frames=rc.sink_frames, raw_sink=True)
         if rc.refresh_frames:
-            est.kv_cache += _cache_bytes(L, batch, H, hd, tpf, rc.refresh_frames_for(num_blocks), elem)
+            est.kv_cache += _cache_bytes(L, batch, H, hd, tpf, rc.refresh_frames_for(num_blocks), dtype)
         T, Lk = min(num_blocks, S) * bf * tpf, frames * tpf
         in_flight = (S * S + 4 * S) * bf  # every window block's noise levels, states, x, x0
     block_lat = batch * cfg.in_dim * height * width * 4
@@ -245,18 +247,18 @@ def _t5_bytes(cfg: dict, dtype: torch.dtype, batch: int, text_len: int) -> int:
     return params * dtype.itemsize + act
 
 
-def _vae_bytes(cfg: dict, pixel_h: int, pixel_w: int, batch: int) -> int:
-    """AutoencoderKLWan weights (fp32, from its channel sizes) + one latent frame's streamed decode.
-
-    Weights: about 127M parameters per 96 base channels squared scaling (Wan2.1 VAE: 127M, 508 MB
-    fp32). Decode: the decoder's full-resolution stage holds ~8 feature maps of base_dim channels
-    for 4 pixel frames, plus the causal-conv caches (2 frames per conv).
-    """
+def _vae_weight_bytes(cfg: dict) -> int:
+    """AutoencoderKLWan weights (fp32) from its channel sizes: about 127M parameters per 96 base
+    channels, squared scaling (Wan2.1 VAE: 127M, 508 MB fp32)."""
     base = int(cfg.get("base_dim", 96))
-    params = int(127e6 * (base / 96) ** 2)
-    per_frame = base * pixel_h * pixel_w * 4
-    act = batch * per_frame * (8 * 4 + 2 * 12)
-    return params * 4 + act
+    return int(127e6 * (base / 96) ** 2) * 4
+
+
+def _vae_decode_bytes(cfg: dict, pixel_h: int, pixel_w: int, batch: int) -> int:
+    """One latent frame's streamed decode: the decoder's full-resolution stage holds ~8 feature maps
+    of base_dim channels for 4 pixel frames, plus the causal-conv caches (2 frames per conv)."""
+    per_frame = int(cfg.get("base_dim", 96)) * pixel_h * pixel_w * 4
+    return batch * per_frame * (8 * 4 + 2 * 12)
 
 
 def estimate_generate(model_dir, *, pipeline: str, height: int, width: int, num_blocks: int, batch: int = 1,
@@ -287,12 +289,15 @@ def estimate_generate(model_dir, *, pipeline: str, height: int, width: int, num_
     est.kv_cache, est.text, est.latents = panels * one.kv_cache, panels * one.text, panels * one.latents
     est.activations = one.activations
     vae_cfg = root / "vae" / "config.json"
+    vae_weights = 0
     if vae_cfg.is_file():
-        est.vae = _vae_bytes(_read_json(vae_cfg), height, width, batch * panels)
+        vae = _read_json(vae_cfg)
+        vae_weights = _vae_weight_bytes(vae)
+        est.vae = vae_weights + _vae_decode_bytes(vae, height, width, batch * panels)
     te_cfg = root / "text_encoder" / "config.json"
     if te_cfg.is_file():
         est.text_encoder = _t5_bytes(_read_json(te_cfg), dtype, batch * num_prompts, cfg.text_len)
-        est.encode_extra = est.weights + (_vae_bytes(_read_json(vae_cfg), 0, 0, 0) if vae_cfg.is_file() else 0)
+        est.encode_extra = est.weights + vae_weights
     est.details.update({"pixel_size": [height, width], "panels": panels})
     return est
 
