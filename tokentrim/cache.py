@@ -308,11 +308,7 @@ class KVCache:
             raise ValueError(
                 f"frame_start must be greater than the last committed frame {self.frames[-1]}, got {frame_start}"
             )
-        if len(self.frames) + n > self.max_frames:
-            raise ValueError(
-                f"committing {n} frames to {len(self.frames)} committed exceeds max_frames="
-                f"{self.max_frames}; call prepare({n}) before writing the block"
-            )
+        self.check_room(n)
         T = n * self.tokens_per_frame
         idx = self._block_index(T)
         self.token_frame.index_put_(
