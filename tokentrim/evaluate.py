@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from tokentrim import safeio, telemetry
+from tokentrim.video import pixel_frames
 
 METRICS = ("flicker", "mean_drift", "std_drift", "luminance_drift", "hist_distance", "luminance")
 BINS = 32
@@ -183,12 +184,8 @@ def analyze(path: str | os.PathLike, window: int = 16, split: bool = False) -> l
 
 
 def compare(a: dict, b: dict) -> dict:
-    """Differences second - first of the window means and slopes of two ``analyze`` results."""
-    if (a["height"], a["width"]) != (b["height"], b["width"]):
-        raise EvalError(
-            f"videos must have the same frame size to be compared: {a['video']} is {a['width']}x{a['height']}, "
-            f"{b['video']} is {b['width']}x{b['height']}"
-        )
+    """Differences second - first of the window means and slopes of two ``analyze`` results of the
+    same frame size (``evaluate`` checks the sizes before analysing)."""
     return {
         "first": a["video"], "second": b["video"],
         "mean_diff": {m: b["mean"][m] - a["mean"][m] for m in METRICS},
@@ -219,7 +216,7 @@ def telemetry_series(path: str | os.PathLike, fps: float) -> dict:
     for i, r in enumerate(records):
         b = r.get("block", i)
         f0, nf = r.get("frame_start", 3 * b), r.get("num_frames", 3)
-        lo, hi = max(0, 4 * f0 - 3), 4 * (f0 + nf) - 3  # pixel frames of the block's latent frames
+        lo, hi = pixel_frames(f0), pixel_frames(f0 + nf)  # pixel frames of the block's latent frames
         out["block"].append(b)
         out["t_s"].append((lo + hi) / 2 / fps)
         for key in ("severity", "threshold"):
