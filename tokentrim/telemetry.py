@@ -83,10 +83,8 @@ def _figure(records: list[dict], title: str | None):
     times = [float(r["time_s"]) if r.get("time_s") is not None else math.nan for r in records]
     if not decided:
         fig, (ax_t, ax_f) = plt.subplots(2, 1, figsize=(9, 5.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
-        ax_t.bar(blocks, times, color="C0")
-        ax_t.set_ylabel("time per block (s)")
+        _time_panel(ax_t, blocks, times, "time per block (s)")
         ax_t.set_title(title or "per-block telemetry (no TokenTrim decisions)")
-        ax_t.grid(alpha=0.3)
         ax_f.bar(blocks, [int(r.get("forwards") or 0) for r in records], color="C2")
         ax_f.set_ylabel("forwards")
         ax_f.set_xlabel("block")
@@ -116,12 +114,17 @@ def _figure(records: list[dict], title: str | None):
     ax2.bar(blocks, [_regen_count(r) for r in records], color="C3")
     ax2.set_ylabel("regenerations")
     ax2.grid(alpha=0.3)
-    ax3.bar(blocks, times, color="C0")
-    ax3.set_ylabel("time (s)")
+    _time_panel(ax3, blocks, times, "time (s)")
     ax3.set_xlabel("block")
-    ax3.grid(alpha=0.3)
     fig.tight_layout()
     return fig
+
+
+def _time_panel(ax, blocks: list, times: list[float], ylabel: str) -> None:
+    """Bars of the seconds per block (``time_s``, NaN where a record has none) on ``ax``."""
+    ax.bar(blocks, times, color="C0")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
 
 
 def _flag(values, b: int) -> bool:
