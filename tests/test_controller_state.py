@@ -76,6 +76,15 @@ def test_from_json_reads_the_cli_telemetry(tmp_path):
     assert again.records == ctrl.records and [again.stats(b) for b in range(2)] == [ctrl.stats(b) for b in range(2)]
 
 
+def test_from_json_reads_every_key_of_an_accepted_record():
+    """``_RECORD_KEYS`` (what from_json takes from telemetry blocks) is the key list of ``accept``'s record."""
+    from tokentrim.trim import _RECORD_KEYS
+
+    ctrl = TokenTrimController(_cfg(), 2)
+    record = ctrl.accept(ctrl.decide(*_point([1.0, 2.0]), block_index=1))
+    assert tuple(record) == _RECORD_KEYS
+
+
 @pytest.mark.parametrize("content,message", [
     ("{not json", "is not valid JSON"),
     ("[1, 2]", "not a TokenTrim controller or telemetry JSON"),
