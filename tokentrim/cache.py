@@ -144,9 +144,22 @@ class KVCache:
         """[B, capacity] bool: committed (position < length) and kept. Host sync: none."""
         return self.keep & (self._ar[None, :] < self.length[:, None])
 
-    def kept_count(self) -> torch.Tensor:
-        """[B] int32 device tensor: committed tokens still kept per video. Host sync: none."""
-        return self.valid_mask().sum(dim=1, dtype=torch.int32)
+    def kept_count(self, frames: list[int] | None = None) -> torch.Tensor:
+        """[B] int32 device tensor: committed tokens still kept per video; only those of the
+        absolute ``frames`` (host list) when given. Host sync: none."""
+        valid = self.valid_mask()
+        if frames is not None:
+            valid &= self._frames_mask(sorted(set(frames)))
+        return valid.sum(dim=1, dtype=torch.int32)
+
+    def _frames_mask(self, frames: list[int], video: int | None = None) -> torch.Tensor:
+        """[B, C] bool (``video`` given: [C], that video's row): tokens of the absolute ``frames``
+        (sorted distinct host ints), one range compare per run of consecutive frames. Host sync: none."""
+        tf = self.token_frame if video is None else self.token_frame[video]
+        inside = torch.zeros_like(tf, dtype=torch.bool)
+        for lo, hi in _runs(frames):
+            inside |= (tf >= lo) & (tf <= hi)
+        return inside
 
     # ------------------------------------------------------------------------------ accounting
     @property
@@ -207,11 +220,7 @@ class KVCache:
         if n_evict <= 0:
             return []
         evicted = self.frames[self.sink_frames : self.sink_frames + n_evict]
-        tf = self.token_frame
-        gone = torch.zeros_like(self.keep)
-        for lo, hi in _runs(evicted):
-            gone |= (tf >= lo) & (tf <= hi)
-        survive = (self._ar[None, :] < self.length[:, None]) & ~gone
+        survive = (self._ar[None, :] < self.length[:, None]) & ~self._frames_mask(evicted)
         self._compact_by(survive, keep_after=self.keep)
         del self.frames[self.sink_frames : self.sink_frames + n_evict]
         self._sync_anchor()
@@ -358,9 +367,7 @@ class KVCache:
                 raise ValueError(
                     f"frames must not contain raw sink frames {sink} (raw_sink=True), got {frames}"
                 )
-            in_frames = torch.zeros_like(self.keep[video])
-            for lo, hi in _runs(frames):
-                in_frames |= (self.token_frame[video] >= lo) & (self.token_frame[video] <= hi)
+            in_frames = self._frames_mask(frames, video)
         # lookup table over positions; slot tokens_per_frame swallows out-of-range positions and
         # empty slots (token_pos -1), which committed_tok excludes anyway
         tpf = self.tokens_per_frame

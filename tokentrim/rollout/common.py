@@ -176,14 +176,6 @@ def take_videos(base: torch.Tensor, new: torch.Tensor, videos, dim: int = 0) -> 
     return out
 
 
-def _kept_tokens(cache, frames: list[int]) -> torch.Tensor:
-    """[B] int64 (device): committed, kept tokens of ``cache`` in the absolute ``frames``."""
-    inside = torch.zeros_like(cache.keep)
-    for f in frames:
-        inside |= cache.token_frame == f
-    return (cache.valid_mask() & inside).sum(dim=1)
-
-
 class TrimHook:
     """TokenTrim as the loops use it: controller, decisions and the cache masking.
 
@@ -248,17 +240,24 @@ class TrimHook:
             if mirror is not None:
                 mframes = [f for f in (mirror.frames if pool is None else pool) if f in mirror.frames and f not in sink]
             extra = [f for f in mframes if f not in frames]  # frames only the mirror holds
-            before = _kept_tokens(cache, frames) + (_kept_tokens(mirror, extra) if extra else 0)
+            if not (frames or extra):  # then mframes is empty too
+                return []
+
+            def kept() -> torch.Tensor:
+                # cache.prune masks only inside ``frames``: the whole cache's count changes as theirs;
+                # the mirror's frames that the cache also holds are counted once, in the cache
+                n = cache.kept_count() if frames else 0
+                return (n + mirror.kept_count(extra)) if extra else n
+
+            before = kept()
             if frames:
                 for v in videos:
                     cache.prune(v, decision.unstable_idx[v], frames=frames)
             if mframes:
                 for v in videos:
                     mirror.prune(v, decision.unstable_idx[v], frames=mframes)
-            after = _kept_tokens(cache, frames) + (_kept_tokens(mirror, extra) if extra else 0)
-            if frames or extra:
-                self._masked_tokens = [a + m for a, m in zip(self._masked_tokens, (before - after).tolist())]
-            if self.compact_after_prune and videos and (frames or mframes):
+            self._masked_tokens = [a + m for a, m in zip(self._masked_tokens, (before - kept()).tolist())]
+            if self.compact_after_prune and videos:
                 cache.compact()
                 if mirror is not None:
                     mirror.compact()
