@@ -257,9 +257,11 @@ class TrimHook:
                 for v in videos:
                     mirror.prune(v, decision.unstable_idx[v], frames=mframes)
             self._masked_tokens = [a + m for a, m in zip(self._masked_tokens, (before - kept()).tolist())]
+            # only the pruned cache(s): each prune is compacted, so the other holds no masked token
             if self.compact_after_prune and videos:
-                cache.compact()
-                if mirror is not None:
+                if frames:
+                    cache.compact()
+                if mframes:
                     mirror.compact()
             masked = sorted(set(frames) | set(mframes))
             self._masked_frames.update(masked)
