@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -205,6 +206,11 @@ class TrimHook:
         """Reset the block's masking totals (``extra``); call once per judged block, before any prune."""
         self._masked_frames: set[int] = set()
         self._masked_tokens: list[int] = [0] * self._batch
+
+    def reset_statistics(self) -> None:
+        """Restart TokenTrim's running statistics (records are kept): the next blocks warm up again."""
+        if self.controller is not None:  # None: TokenTrim off
+            self.controller.reset_statistics()
 
     def decide(self, cand: torch.Tensor, prev: torch.Tensor, block: int):
         with nvtx_range("detect", block=block):
@@ -433,5 +439,37 @@ class RolloutBase:
         return RolloutResult(latents, list(self.recorder.records), self.recorder.timings(latents.shape[1]),
                              windows=list(self.windows))
 
-    def iter_blocks(self, text, num_blocks: int, height: int, width: int, seed: int = 0, video_offset: int = 0):
+    def iter_blocks(self, text, num_blocks: int, height: int, width: int, seed: int = 0, video_offset: int = 0,
+                    prompts=None, recache: bool = False, reset_trim: bool = True) -> Iterator[BlockOutput]:
+        """Yield each block as a ``BlockOutput`` as soon as it is accepted. Same arguments as ``run``."""
         raise NotImplementedError
+
+    def _check_recache(self, recache: bool) -> None:
+        """Raise when ``recache`` cannot run with this rollout and config (subclasses)."""
+
+    def _begin(self, text, num_blocks: int, height: int, width: int, seed: int, video_offset: int, prompts,
+               recache: bool):
+        """Check a run's arguments before any work, then prepare its prompts.
+
+        Returns (tokens per frame, ``PromptSchedule``, batch); the schedule's ``ctx`` is the runner's
+        text context. Host sync: ``prepare_text``'s finiteness check, one per prompt.
+        """
+        from tokentrim.rollout.prompts import PromptSchedule, check_prompts  # prompts imports this module
+
+        check_int("num_blocks", num_blocks, 1)
+        check_int("seed", seed, 0)
+        check_int("video_offset", video_offset, 0)
+        switches = check_prompts(prompts, num_blocks)
+        self._check_recache(recache)
+        tpf = self.facts.tokens_per_frame(height, width)
+        ctx, batch = prepare_text(self.model, text)
+        return tpf, PromptSchedule(self.model, ctx, batch, switches), batch
+
+    def _switch(self, schedule, block: int, reset_trim: bool) -> bool:
+        """Switch to the prompt that starts at ``block``, if any (``schedule.switch_at``), restarting
+        TokenTrim's statistics when ``reset_trim``. Returns whether it switched. Host sync: none."""
+        if not schedule.switch_at(block):
+            return False
+        if reset_trim:
+            self.hook.reset_statistics()
+        return True

@@ -84,12 +84,6 @@ class PromptSchedule:
         return True
 
 
-def reset_trim_statistics(hook) -> None:
-    """Restart TokenTrim's running statistics (records are kept): the next blocks warm up again."""
-    if hook.controller is not None:  # None: TokenTrim off
-        hook.controller.reset_statistics()
-
-
 def recache_recent(rollout, blocks_x0: dict, block_frames: int) -> list[int]:
     """Self Forcing: re-run the timestep-0 refresh of every committed non-sink block under the
     current (new) prompt, oldest first, rewriting its K/V in place. Returns the re-cached blocks.

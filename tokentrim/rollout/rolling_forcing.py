@@ -89,12 +89,10 @@ from tokentrim.rollout.common import (
     block_noise,
     check_int,
     check_steps,
-    prepare_text,
     take_videos,
 )
 from tokentrim.rollout.graphs import GraphRunner
 from tokentrim.rollout.positions import PositionRebaser
-from tokentrim.rollout.prompts import PromptSchedule, check_prompts, reset_trim_statistics
 
 
 @dataclass
@@ -204,17 +202,9 @@ class RollingForcingRollout(RolloutBase):
         """Yield each block when it finishes (window ``b + S - 1``): ``BlockOutput(index, latents
         [B, block_frames, C, H, W] f32 on the model's device, record)``; the record's ``windows``
         lists the window forwards since the previous block (start-up windows go to block 0)."""
-        check_int("num_blocks", num_blocks, 1)
-        check_int("seed", seed, 0)
-        check_int("video_offset", video_offset, 0)
-        cfg, facts = self.config, self.facts
-        tpf = facts.tokens_per_frame(height, width)
-        switches = check_prompts(prompts, num_blocks)
-        if recache:
-            raise ValueError("recache=True (KV re-cache at a prompt switch) is supported by Self Forcing only")
-        ctx, batch = prepare_text(self.model, text)
-        schedule = PromptSchedule(self.model, ctx, batch, switches)
+        tpf, schedule, batch = self._begin(text, num_blocks, height, width, seed, video_offset, prompts, recache)
         ctx = schedule.ctx
+        cfg, facts = self.config, self.facts
         from tokentrim.cache import KVCache
 
         S, bf = len(self.timesteps), cfg.block_frames
@@ -243,10 +233,8 @@ class RollingForcingRollout(RolloutBase):
         with torch.no_grad():
             for w in range(num_blocks + S - 1):
                 first, last = max(0, w - S + 1), min(num_blocks - 1, w)
-                if w < num_blocks and schedule.switch_at(w):  # the switch block enters the window
+                if w < num_blocks and self._switch(schedule, w, reset_trim):  # the switch block enters the window
                     switched.append(w)
-                    if reset_trim:
-                        reset_trim_statistics(self.hook)
                 if w < num_blocks:
                     noise[w] = block_noise(seed, w, S, shape, facts.device, video_offset=video_offset)
                     state[w] = noise[w][0]
@@ -297,6 +285,10 @@ class RollingForcingRollout(RolloutBase):
                                                  else {"windows": pending})
                 pending, forwards, switched = [], 0, []
                 yield BlockOutput(finishing, done, rec)
+
+    def _check_recache(self, recache: bool) -> None:
+        if recache:
+            raise ValueError("recache=True (KV re-cache at a prompt switch) is supported by Self Forcing only")
 
     def _window_timesteps(self, levels: list[int], batch: int) -> torch.Tensor:
         """Per-frame timesteps [batch, len(levels)*bf] f32 on the model's device for a window whose

@@ -59,12 +59,11 @@ from tokentrim.rollout.common import (
     block_noise,
     check_int,
     check_steps,
-    prepare_text,
     take_videos,
 )
 from tokentrim.rollout.graphs import GraphRunner
 from tokentrim.rollout.positions import PositionRebaser
-from tokentrim.rollout.prompts import PromptSchedule, check_prompts, recache_recent, reset_trim_statistics
+from tokentrim.rollout.prompts import recache_recent
 
 
 @dataclass
@@ -137,21 +136,11 @@ class SelfForcingRollout(RolloutBase):
                     reset_trim: bool = True) -> Iterator[BlockOutput]:
         """Yield each block as soon as it is accepted: ``BlockOutput(index, latents [B, block_frames, C,
         H, W] f32 on the model's device, record)``. Same arguments as ``run``."""
-        check_int("num_blocks", num_blocks, 1)
-        check_int("seed", seed, 0)
-        check_int("video_offset", video_offset, 0)
-        switches = check_prompts(prompts, num_blocks)
-        compact = self.config.compact_after_prune
-        if recache:  # re-caching rewrites each block at its uncompacted slot: pruned tokens stay masked
-            if compact:
-                raise ValueError("recache=True rewrites cached blocks in place: it cannot be combined with "
-                                 "SelfForcingConfig.compact_after_prune=True")
-            compact = False
-        tpf = self.facts.tokens_per_frame(height, width)
-        ctx, batch = prepare_text(self.model, text)
-        schedule = PromptSchedule(self.model, ctx, batch, switches)
+        tpf, schedule, batch = self._begin(text, num_blocks, height, width, seed, video_offset, prompts, recache)
         ctx = schedule.ctx
         cfg, facts = self.config, self.facts
+        # re-caching rewrites each block at its uncompacted slot: pruned tokens stay masked
+        compact = False if recache else cfg.compact_after_prune
         self.cache = self._make_cache(batch, tpf, num_blocks)
         self.positions = PositionRebaser(self.model, [self.cache], self.position_limit)
         self.runner = GraphRunner(self.model, ctx, self.cache, enabled=self.use_graphs, compile=self.compile)
@@ -167,10 +156,8 @@ class SelfForcingRollout(RolloutBase):
                 self.recorder.start_block()
                 extra, forwards = None, 0
                 with nvtx_range("block", index=b):
-                    if schedule.switch_at(b):
+                    if self._switch(schedule, b, reset_trim):
                         extra = {"prompt_switch": True, "recached": []}
-                        if reset_trim:
-                            reset_trim_statistics(self.hook)
                         if recache:
                             bf = cfg.block_frames
                             self.cache.prepare(bf)
@@ -196,6 +183,11 @@ class SelfForcingRollout(RolloutBase):
                 yield BlockOutput(b, x0, rec)
 
     # ---------------------------------------------------------------------------------- pieces
+    def _check_recache(self, recache: bool) -> None:
+        if recache and self.config.compact_after_prune:
+            raise ValueError("recache=True rewrites cached blocks in place: it cannot be combined with "
+                             "SelfForcingConfig.compact_after_prune=True")
+
     def _make_cache(self, batch: int, tpf: int, num_blocks: int):
         """A cache of ``cache_frames`` frames, or of the video's frames when it is shorter (at least
         the sink and one block, as the cache requires): nothing is evicted then either."""
