@@ -96,6 +96,13 @@ def check_steps(name: str, steps) -> tuple[int, ...]:
     return steps
 
 
+def check_compact_after_prune(config) -> None:
+    """TypeError unless ``config.compact_after_prune`` (a rollout config) is a bool or None."""
+    value = config.compact_after_prune
+    if value is not None and not isinstance(value, bool):
+        raise TypeError(f"{type(config).__name__}.compact_after_prune must be a bool or None, got {value!r}")
+
+
 class ModelFacts:
     """What the loops need to know about a ``WanModel``: sizes, dtype, device, patch."""
 

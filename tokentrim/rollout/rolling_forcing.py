@@ -87,6 +87,7 @@ from tokentrim.rollout.common import (
     RolloutBase,
     TrimHook,
     block_noise,
+    check_compact_after_prune,
     check_int,
     check_steps,
     take_videos,
@@ -151,13 +152,9 @@ class RollingForcingConfig:
                 f"RollingForcingConfig.sink_frames ({self.sink_frames}) must be a multiple of block_frames "
                 f"({self.block_frames}): the sink is the first block(s)"
             )
-        if self.compact_after_prune is not None and not isinstance(self.compact_after_prune, bool):
-            raise TypeError(
-                f"RollingForcingConfig.compact_after_prune must be a bool or None, got {self.compact_after_prune!r}"
-            )
-        for name in ("use_graphs",):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"RollingForcingConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        check_compact_after_prune(self)
+        if not isinstance(self.use_graphs, bool):
+            raise TypeError(f"RollingForcingConfig.use_graphs must be a bool, got {self.use_graphs!r}")
 
     @property
     def window_frames(self) -> int:

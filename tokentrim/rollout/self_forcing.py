@@ -57,6 +57,7 @@ from tokentrim.rollout.common import (
     RolloutBase,
     TrimHook,
     block_noise,
+    check_compact_after_prune,
     check_int,
     check_steps,
     take_videos,
@@ -105,8 +106,7 @@ class SelfForcingConfig:
                 f"SelfForcingConfig.cache_frames must hold the sink, the previous block and the new one "
                 f"(>= sink_frames + 2*block_frames = {need}), got {self.cache_frames}"
             )
-        if self.compact_after_prune is not None and not isinstance(self.compact_after_prune, bool):
-            raise TypeError(f"SelfForcingConfig.compact_after_prune must be a bool or None, got {self.compact_after_prune!r}")
+        check_compact_after_prune(self)
         for name in ("refresh_last_block", "use_graphs"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"SelfForcingConfig.{name} must be a bool, got {getattr(self, name)!r}")
