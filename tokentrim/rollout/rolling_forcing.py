@@ -243,9 +243,10 @@ class RollingForcingRollout(RolloutBase):
                     t = self._window_timesteps(levels, batch)
                     fs = first * bf
                     self.cache.prepare(x.shape[1])
-                    # positions looked up: the window's frames and the raw sink's, right before the
-                    # oldest kept non-sink frame; re-based when they would pass the RoPE table
-                    self.positions.ensure(min(fs, self.cache.sink_rope_frame_start(fs)), fs + x.shape[1])
+                    # positions looked up: the raw sink's, right before the oldest kept non-sink frame
+                    # (committed frames are finished blocks, all before fs: the sink starts <= fs), up to
+                    # the window's end; re-based when they would pass the RoPE table
+                    self.positions.ensure(self.cache.sink_rope_frame_start(fs), fs + x.shape[1])
                     attended = list(self.cache.frames)
                     x0 = self._window(x, t, fs)
                     forwards += 1
