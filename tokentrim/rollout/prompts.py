@@ -84,11 +84,13 @@ class PromptSchedule:
         return True
 
 
-def recache_recent(rollout, blocks_x0: dict, block_frames: int) -> list[int]:
+def recache_recent(rollout, blocks_x0: dict, block_frames: int, until: int) -> list[int]:
     """Self Forcing: re-run the timestep-0 refresh of every committed non-sink block under the
     current (new) prompt, oldest first, rewriting its K/V in place. Returns the re-cached blocks.
 
     blocks_x0: block index -> its clean latents [B, bf, C, H, W] f32 (for every committed block).
+    until: end (exclusive absolute frame) of the block generated next: the positions from the
+        oldest re-cached frame to it are made to fit the RoPE table first (``positions.ensure``).
     Host sync: none beyond the eager path's own.
     """
     cache = rollout.cache
@@ -97,6 +99,7 @@ def recache_recent(rollout, blocks_x0: dict, block_frames: int) -> list[int]:
     blocks = sorted({f // block_frames for f in recent})
     if not blocks:
         return []
+    rollout.positions.ensure(recent[0], until)
     tpf = cache.tokens_per_frame
     keep = cache.keep.clone()
     length = cache.length.clone()

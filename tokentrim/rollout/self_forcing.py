@@ -161,10 +161,7 @@ class SelfForcingRollout(RolloutBase):
                         if recache:
                             bf = cfg.block_frames
                             self.cache.prepare(bf)
-                            recent = self.cache.frames[self.cache.sink_frames:]
-                            if recent:
-                                self.positions.ensure(recent[0], (b + 1) * bf)
-                            extra["recached"] = recache_recent(self, kept_x0, bf)
+                            extra["recached"] = recache_recent(self, kept_x0, bf, (b + 1) * bf)
                             forwards += len(extra["recached"])
                     x0, summary, trim_record, passes, n = self._block(b, prev)
                     forwards += n
@@ -175,7 +172,7 @@ class SelfForcingRollout(RolloutBase):
                     if recache and schedule.switches:
                         kept_x0[b] = x0
                         live = {f // cfg.block_frames for f in self.cache.frames}
-                        for old in [k for k in kept_x0 if k not in live and k != b]:
+                        for old in [k for k in kept_x0 if k not in live]:
                             del kept_x0[old]
                 rec = self.recorder.finish_block(b, b * cfg.block_frames, cfg.block_frames, forwards, trim_record,
                                                  passes, extra=extra)
