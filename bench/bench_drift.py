@@ -21,12 +21,7 @@ from tokentrim.kernels import drift as kdrift
 
 SECTION = "drift"
 
-# name, B, F, F', C, H, W
-SHAPES = [
-    ("832x480", 1, 3, 3, 16, 60, 104),
-    ("832x480-b4", 4, 3, 3, 16, 60, 104),
-    ("1280x720", 1, 3, 3, 16, 90, 160),
-]
+SHAPES = common.DRIFT_SHAPES  # name, B, F, F', C, H, W
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -70,11 +65,9 @@ def run(args, device: torch.device) -> list[dict]:
     rows = []
     g = torch.Generator().manual_seed(0)
     for label, B, F, Fp, C, H, W in shapes:
-        N = (H // 2) * (W // 2)
-        k = max(1, round(args.drift_ratio * N))
+        k, shape = common.drift_case(B, F, Fp, C, H, W, args.drift_ratio)
         cand = torch.randn(B, F, C, H, W, generator=g).to(device=device, dtype=dtype)
         prev = torch.randn(B, Fp, C, H, W, generator=g).to(device=device, dtype=dtype)
-        shape = f"B={B} F={F} F'={Fp} C={C} H={H} W={W} N={N} k={k}"
 
         def call(backend, cand=cand, prev=prev, k=k):
             return ops.drift_topk(cand, prev, k, backend=backend, check_finite_inputs=False)
@@ -99,18 +92,8 @@ def run(args, device: torch.device) -> list[dict]:
             rows.append(
                 common.row(SECTION, label, impl, shape, dtype, "time", tri_ms, "ms", device=device, note=why)
             )
-            rows += _accuracy_rows(label, impl, shape, dtype, device, tri(), call("reference"))
+            rows += common.drift_accuracy_rows(
+                SECTION, label, impl, shape, dtype, device, tri(), call("reference")
+            )
     common.add_ratios(rows, "reference")
     return rows
-
-
-def _accuracy_rows(label, impl, shape, dtype, device, got, want) -> list[dict]:
-    """Max |drift - reference| and the fraction of top-k indices shared with the reference."""
-    d, idx, sev = got
-    rd, ridx, rsev = want
-    err = float((d - rd).abs().max())
-    same = sum(len(set(a) & set(b)) for a, b in zip(idx.tolist(), ridx.tolist())) / idx.numel()
-    return [
-        common.row(SECTION, label, impl, shape, dtype, "drift_max_abs_err", err, "", device=device),
-        common.row(SECTION, label, impl, shape, dtype, "topk_overlap", same, "fraction", device=device),
-    ]

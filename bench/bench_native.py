@@ -23,8 +23,7 @@ from tokentrim import native, ops
 
 SECTION = "native"
 
-# name, B, F, F', C, H, W
-DRIFT_SHAPES = [("832x480", 1, 3, 3, 16, 60, 104), ("832x480-b4", 4, 3, 3, 16, 60, 104)]
+DRIFT_SHAPES = common.DRIFT_SHAPES[:2]  # the 832x480 blocks, B = 1 and 4
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 FRAME_TOKENS, FRAMES, HEADS, HEAD_DIM = 1560, 21, 12, 128  # 832x480 Wan2.1-1.3B, 21-frame cache
 
@@ -58,9 +57,7 @@ def _drift_rows(args, device) -> list[dict]:
     g = torch.Generator().manual_seed(0)
     dtypes = ["float32"] if args.quick else list(DTYPES)
     for label, B, F, Fp, C, H, W in DRIFT_SHAPES[:1] if args.quick else DRIFT_SHAPES:
-        N = (H // 2) * (W // 2)
-        k = max(1, round(0.1 * N))
-        shape = f"B={B} F={F} F'={Fp} C={C} H={H} W={W} N={N} k={k}"
+        k, shape = common.drift_case(B, F, Fp, C, H, W, 0.1)
         for name in dtypes:
             dtype = DTYPES[name]
             cand = torch.randn(B, F, C, H, W, generator=g).to(dtype)
@@ -75,14 +72,8 @@ def _drift_rows(args, device) -> list[dict]:
                 rows.append(common.row(SECTION, f"drift_topk {label}", impl, shape, dtype, "time", ms, "ms",
                                        device=device))  # fmt: skip
                 out[impl] = call()
-            (d, idx, _), (rd, ridx, _) = out["native"], out["reference"]
-            same = sum(len(set(a) & set(b)) for a, b in zip(idx.tolist(), ridx.tolist())) / idx.numel()
-            for metric, value, unit in (
-                ("drift_max_abs_err", float((d - rd).abs().max()), ""),
-                ("topk_overlap", same, "fraction"),
-            ):
-                rows.append(common.row(SECTION, f"drift_topk {label}", "native", shape, dtype, metric, value, unit,
-                                       device=device))  # fmt: skip
+            rows += common.drift_accuracy_rows(SECTION, f"drift_topk {label}", "native", shape, dtype, device,
+                                               out["native"], out["reference"])  # fmt: skip
     return rows
 
 

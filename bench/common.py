@@ -180,6 +180,39 @@ def add_ratios(rows: list[dict], baseline_impl: str, metric: str = "time") -> No
             r["ratio"] = b / r["value"]
 
 
+# ------------------------------------------------------------------- drift_topk (drift, native)
+# Wan2.1 latent blocks: name, B, F, F', C, H, W (C=16, 8x VAE downsampling, patch 2x2, 3-frame
+# block vs the previous 3-frame block). Here, not in bench_drift, so that the native section does
+# not import triton.
+DRIFT_SHAPES = [
+    ("832x480", 1, 3, 3, 16, 60, 104),
+    ("832x480-b4", 4, 3, 3, 16, 60, 104),
+    ("1280x720", 1, 3, 3, 16, 90, 160),
+]
+
+
+def drift_case(B, F, Fp, C, H, W, ratio: float) -> tuple[int, str]:
+    """k = max(1, round(ratio * N)) for the N = (H/2)*(W/2) patch tokens, and the shape label."""
+    N = (H // 2) * (W // 2)
+    k = max(1, round(ratio * N))
+    return k, f"B={B} F={F} F'={Fp} C={C} H={H} W={W} N={N} k={k}"
+
+
+def drift_accuracy_rows(section, label, impl, shape, dtype, device, got, want) -> list[dict]:
+    """Max |drift - reference| and the fraction of top-k indices shared with the reference.
+
+    ``got``/``want``: the (drift, idx, severity) of two ``drift_topk`` calls; syncs the host.
+    """
+    d, idx, _ = got
+    rd, ridx, _ = want
+    err = float((d - rd).abs().max())
+    same = sum(len(set(a) & set(b)) for a, b in zip(idx.tolist(), ridx.tolist())) / idx.numel()
+    return [
+        row(section, label, impl, shape, dtype, "drift_max_abs_err", err, "", device=device),
+        row(section, label, impl, shape, dtype, "topk_overlap", same, "fraction", device=device),
+    ]
+
+
 def write_results(rows: list[dict], env: dict, out_dir: Path, tag: str) -> tuple[Path, Path]:
     """Write ``<tag>-<device-slug>-<YYYYMMDD>-<HHMMSS>[-<n>].csv`` and ``.json`` (the json also holds
     ``env``). Never overwrites: the stem is claimed by creating the CSV exclusively, with ``-2``,
