@@ -64,20 +64,19 @@ class SyntheticDenoiser(torch.nn.Module):
     """A stand-in for ``WanModel`` with the interface the rollouts use (``config``, ``prepare_text``,
     ``forward_cached``): the flow of ``x0_hat`` above. Writes nothing into the KV cache (the cache's
     bookkeeping, masks and pruning are the rollout's own). ``corrupt``: per video, (kind, block,
-    token positions) or None."""
+    token positions) or None; ``block_frames``: the rollout's latent frames per block."""
 
-    def __init__(self, batch: int, height: int, width: int, seed0: int, err: float, corrupt, frame_noise: float = 0.05):
+    def __init__(self, batch: int, height: int, width: int, seed0: int, err: float, corrupt,
+                 frame_noise: float = 0.05, block_frames: int = 3):
         super().__init__()
-        from tokentrim.model import WanConfig
-
-        self.config = WanConfig.preset("tiny")
+        self.config = _wan_config()
         self._p = torch.nn.Parameter(torch.zeros(1), requires_grad=False)
         self.dtype, self.device = torch.float32, torch.device("cpu")
         # the rollout's PositionRebaser reads the RoPE table length from here; the synthetic flow has
         # no RoPE and its short runs never reach a re-base
         self.register_buffer("rope_cos", torch.zeros(1024, 1), persistent=False)
         self.B, self.H, self.W, self.err, self.corrupt = batch, height, width, err, corrupt
-        self.frame_noise = frame_noise
+        self.frame_noise, self.block_frames = frame_noise, block_frames
         C = self.config.in_dim
         g = torch.Generator().manual_seed(10_007 * seed0 + 1)
         self.freq = 0.3 + 0.5 * torch.rand(batch, C, 2, generator=g)  # spatial frequencies per channel
@@ -162,7 +161,7 @@ class SyntheticDenoiser(torch.nn.Module):
         sigma = (t.float() / 1000).view(*t.shape, 1, 1, 1)
         tgt = self.target(frames)
         eps_hat = (x.float() - (1 - sigma) * tgt) / sigma
-        x0 = tgt + self.err * sigma**2 * eps_hat + self.corruption(frames, 3)
+        x0 = tgt + self.err * sigma**2 * eps_hat + self.corruption(frames, self.block_frames)
         return (x.float() - x0) / sigma
 
 
@@ -178,32 +177,43 @@ def _plan(kind: str, batch: int, blocks: int, k: int, tokens: int, seed0: int, f
     return plan
 
 
-def _rollout(pipeline: str, model, trim):
-    from tokentrim.rollout import (
-        RollingForcingConfig,
-        RollingForcingRollout,
-        SelfForcingConfig,
-        SelfForcingRollout,
-    )
+def _wan_config():
+    """The model config the synthetic denoiser stands in for (its channels and patch)."""
+    from tokentrim.model import WanConfig
 
-    # masks kept in place (no compaction, output-equivalent): the denoiser sees prunes in the keep mask
+    return WanConfig.preset("tiny")
+
+
+def _rollout_config(pipeline: str):
+    """The rollout config of ``pipeline``: masks kept in place (no compaction, output-equivalent), so
+    the denoiser sees prunes in the keep mask."""
+    from tokentrim.rollout import RollingForcingConfig, SelfForcingConfig
+
     if pipeline == "self-forcing":
-        return SelfForcingRollout(model, SelfForcingConfig(compact_after_prune=False), trim=trim)
-    return RollingForcingRollout(model, RollingForcingConfig(compact_after_prune=False), trim=trim)
+        return SelfForcingConfig(compact_after_prune=False)
+    return RollingForcingConfig(compact_after_prune=False)
+
+
+def _rollout(pipeline: str, model, trim, config):
+    from tokentrim.rollout import RollingForcingRollout, SelfForcingRollout
+
+    cls = SelfForcingRollout if pipeline == "self-forcing" else RollingForcingRollout
+    return cls(model, config, trim=trim)
 
 
 def evaluate(preset: str, kind: str | None, seeds: int, blocks: int, err: float = 0.5,
              pipeline: str = "self-forcing", height: int = 12, width: int = 16, seed0: int = 0) -> dict:
     """One batch run of ``seeds`` videos; returns the counts and rates of the module docstring."""
     trim = TokenTrimConfig.preset(preset)
-    tokens = (height // 2) * (width // 2)
+    config = _rollout_config(pipeline)
+    tokens = _wan_config().tokens_per_frame(height, width)
     k = trim.k_for(tokens)
-    S = 4 if pipeline == "self-forcing" else 5
+    S = len(config.denoising_steps)
     first_decided = 1 + trim.warmup  # block 0 has no previous block; then warm-up
     plan = _plan(kind, seeds, blocks, k, tokens, seed0, first_decided) if kind else [None] * seeds
-    model = SyntheticDenoiser(seeds, height, width, seed0, err, plan)
+    model = SyntheticDenoiser(seeds, height, width, seed0, err, plan, block_frames=config.block_frames)
     text = torch.zeros(seeds, 1, 1)
-    r = _rollout(pipeline, model, trim)
+    r = _rollout(pipeline, model, trim, config)
     res = r.run(text, blocks, height, width, seed=seed0)
     tp = fp = fn = decided = detected = 0
     tok_hits, tok_total = 0, 0
