@@ -247,7 +247,7 @@ def _bench_case(
 def run(args, device: torch.device) -> list[dict]:
     device = torch.device(device)
     rows = []
-    batches = getattr(args, "attn_batch", None)
+    batches = args.attn_batch
     if device.type == "cuda":
         if _flash_kvcache() is None:
             _note("flash-attn not importable: flash_attn_kvcache rows skipped")
