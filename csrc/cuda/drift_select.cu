@@ -97,7 +97,8 @@ struct Layout {
 };
 
 cudaError_t layout(int64_t B, int64_t N, Layout* out) {
-  if (B < 1 || N < 1 || B * N > INT_MAX || N >= (int64_t(1) << 32)) return cudaErrorInvalidValue;
+  // B >= 1 and B*N <= INT_MAX also keep N below 2^32, the key's index bits
+  if (B < 1 || N < 1 || B * N > INT_MAX) return cudaErrorInvalidValue;
   Layout l{};
   l.keys_bytes = align_up(static_cast<size_t>(B * N) * sizeof(unsigned long long));
   l.offsets_bytes = align_up(static_cast<size_t>(B + 1) * sizeof(int));

@@ -31,7 +31,8 @@ std::tuple<at::Tensor, at::Tensor> drift_select_cuda(const at::Tensor& drift_in,
   cudaError_t err = tokentrim_cuda::drift_select_workspace_bytes(B, N, &ws_bytes);
   TORCH_CHECK_VALUE(err == cudaSuccess, "drift_select: B*N = ", B * N, " is too large for the CUB sort (",
                     cudaGetErrorString(err), ")");
-  at::Tensor ws = at::empty({static_cast<int64_t>(ws_bytes)}, drift.options().dtype(at::kByte));
+  at::Tensor ws;  // rows of up to kBlockSelectMaxN tokens need none
+  if (ws_bytes) ws = at::empty({static_cast<int64_t>(ws_bytes)}, drift.options().dtype(at::kByte));
   err = tokentrim_cuda::drift_select(drift.data_ptr<float>(), B, N, k, idx.data_ptr<int64_t>(), sev.data_ptr<float>(),
                                      ws_bytes ? ws.data_ptr() : nullptr, ws_bytes, c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "drift_select CUDA launch failed: ", cudaGetErrorString(err));
