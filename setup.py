@@ -79,21 +79,20 @@ def native_extensions():
         """Build each extension on its own; one that fails is dropped with a warning, never fatal."""
 
         def run(self):
-            try:
-                super().run()
-            except Exception as e:  # raised before any extension was built (compiler / CUDA setup)
-                cuda = [x for x in self.extensions if x.name == "tokentrim._C_cuda"]
-                _warn(f"building {', '.join(x.name for x in self.extensions)} failed ({type(e).__name__}: {e})")
-                self.extensions = [x for x in self.extensions if x not in cuda]
-                self.distribution.ext_modules = list(self.extensions)
-                if not (cuda and self.extensions):
-                    self.extensions = self.distribution.ext_modules = []
-                    return
-                try:  # a CUDA setup error (e.g. nvcc vs torch CUDA version) must not cost the CPU kernels
-                    super().run()
-                except Exception as e2:
-                    _warn(f"building tokentrim._C failed ({type(e2).__name__}: {e2})")
-                    self.extensions = self.distribution.ext_modules = []
+            # An error here is raised before any extension was built (compiler / CUDA setup). It is
+            # retried once without _C_cuda: a CUDA setup error (e.g. nvcc vs torch CUDA version) must
+            # not cost the CPU kernels.
+            while True:
+                try:
+                    return super().run()
+                except Exception as e:
+                    _warn(f"building {', '.join(x.name for x in self.extensions)} failed ({type(e).__name__}: {e})")
+                    rest = [x for x in self.extensions if x.name != "tokentrim._C_cuda"]
+                    if len(rest) == len(self.extensions):
+                        rest = []  # no _C_cuda left to drop: build none
+                    self.extensions, self.distribution.ext_modules = rest, list(rest)
+                    if not rest:
+                        return
 
         def build_extension(self, ext):
             try:
