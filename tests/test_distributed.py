@@ -225,6 +225,31 @@ def test_generate_sp_errors_come_before_any_work(tmp_path, capsys):
     assert not out.parent.exists()
 
 
+def test_generate_under_torchrun_reports_a_bad_launch_as_an_error(tmp_path, capsys, monkeypatch):
+    # distributed.init refusing the launch (a device type it does not take, a malformed LOCAL_RANK)
+    # is one "tokentrim generate: error:" line and exit 2, as for rollout, never a traceback
+    from _video_fixtures import build_tiny_wan_folder
+
+    wan = build_tiny_wan_folder(tmp_path / "wan")
+    capsys.readouterr()  # the builder's progress bars
+    out = tmp_path / "never" / "v.mp4"
+    base = ["generate", "--model-dir", str(wan), "--prompt", "x", "--height", "32", "--width", "48", "--blocks", "1",
+            "--no-progress", "--out", str(out)]
+    cases = [  # (WORLD_SIZE, LOCAL_RANK, extra argv, message): data parallel, then --sp 2
+        ("1", "0", ["--device", "meta"], "device must be 'auto', 'cpu' or 'cuda', got 'meta'"),
+        ("1", "x", ["--device", "cpu"], "invalid literal for int() with base 10: 'x'"),
+        ("2", "0", ["--device", "meta", "--sp", "2"], "device must be 'auto', 'cpu' or 'cuda', got 'meta'"),
+    ]
+    for world, local_rank, extra, message in cases:
+        monkeypatch.setenv("RANK", "0")
+        monkeypatch.setenv("WORLD_SIZE", world)
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+        assert cli.main([*base, *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("tokentrim generate: error: ") and message in err and err.count("\n") == 1, err
+        assert not out.parent.exists()
+
+
 def _status(out: Path, rank: int) -> dict | None:
     try:
         return json.loads((out / "ranks" / f"rank{rank}.json").read_text())

@@ -552,7 +552,7 @@ def _run(args, on_block) -> int:
     paths = _output_paths(Path(args.out), len(prompts))
     _check_sp(args, prompts)
     if args.sp > 1 and not args.dry_run:  # head parallel: one job over WORLD_SIZE == --sp ranks
-        ctx = distributed.init(device.type, tensors=True)
+        ctx = _init(device, tensors=True)
         try:
             return _run_sp(args, on_block, ctx, num_blocks, dtype, prompts, paths)
         finally:
@@ -560,7 +560,7 @@ def _run(args, on_block) -> int:
     if not distributed.launched() or args.dry_run:  # a dry run prints the estimate, joins no job
         return _run_share(args, on_block, None, num_blocks, device, dtype, prompts, paths)
     # torchrun: data parallel, this rank makes its contiguous share of the prompts
-    ctx = distributed.init(device.type)
+    ctx = _init(device)
     try:
         out = Path(args.out)
         job = distributed.DataParallelJob(ctx, len(prompts), out.with_name(out.stem + ".ranks"),
@@ -568,6 +568,17 @@ def _run(args, on_block) -> int:
         return _run_share(args, on_block, job, num_blocks, ctx.device, dtype, prompts, paths)
     finally:
         ctx.close()
+
+
+def _init(device: torch.device, tensors: bool = False):
+    """``distributed.init`` on ``device``'s type; its ValueError (a device type it does not take,
+    fewer GPUs than LOCAL_RANK needs, a malformed RANK/LOCAL_RANK) becomes a GenerateError."""
+    from tokentrim import distributed
+
+    try:
+        return distributed.init(device.type, tensors=tensors)
+    except ValueError as e:
+        raise GenerateError(str(e)) from None
 
 
 def _trim_and_model_dir(args) -> tuple[TokenTrimConfig, Path]:
