@@ -626,9 +626,7 @@ def _memory_check(args, model_dir, num_blocks, device, dtype, num_prompts, show:
     a run that would not fit, with the numbers. Returns True for ``--dry-run``."""
     from tokentrim import memory
 
-    config = None
-    if args.checkpoint is not None and Path(args.checkpoint).is_dir() and (Path(args.checkpoint) / "config.json").is_file():
-        config = str(Path(args.checkpoint) / "config.json")
+    config = _model_config(args, model_dir)  # the loader's choice; None: estimate_generate reads the folder's
     try:
         est = memory.estimate_generate(model_dir, pipeline=args.pipeline, height=args.height, width=args.width,
                                        num_blocks=num_blocks, batch=min(args.batch_size, num_prompts), dtype=dtype,
