@@ -184,3 +184,24 @@ def test_cli_reads_the_checkpoint_folder_config(tmp_path, capsys):
     small = memory.estimate_rollout("small", height=8, width=8, num_blocks=4, dtype=torch.float32, device="cpu",
                                     keep_output=False)
     assert memory.format_bytes(small.weights) in capsys.readouterr().out
+
+
+def test_cli_estimate_uses_the_config_the_loader_uses(tmp_path, capsys):
+    # a .safetensors file with a config.json beside it: load_wan's config (model.checkpoint_config),
+    # not the default preset; --preset overrides it as it overrides it in load_wan
+    from tokentrim.model import checkpoint_config
+
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(WanConfig.preset("small").to_dict()))
+    weights = folder / "weights.safetensors"
+    weights.write_bytes(b"never read by an estimate")
+    assert checkpoint_config(weights) == WanConfig.preset("small")
+    assert checkpoint_config(weights, "tiny") == WanConfig.preset("tiny")
+    assert checkpoint_config(tmp_path / "a.pt") is None  # a torch checkpoint carries no config
+    kw = dict(height=8, width=8, num_blocks=4, dtype=torch.float32, device="cpu", keep_output=False)
+    for extra, preset in (([], "small"), (["--preset", "tiny"], "tiny")):
+        assert cli.main(["rollout", "--dry-run", "--checkpoint", str(weights), "--height", "8", "--width", "8",
+                         "--out", str(tmp_path / "o"), *extra]) == 0
+        weights_line = memory.format_bytes(memory.estimate_rollout(preset, **kw).weights)
+        assert weights_line in capsys.readouterr().out

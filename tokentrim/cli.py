@@ -185,7 +185,7 @@ def _resolve(args, parser):
     from tokentrim.safeio import check_output_dir
 
     try:
-        if not getattr(args, "dry_run", False):  # a dry run writes nothing
+        if not args.dry_run:  # a dry run writes nothing
             check_output_dir(args.out, "--out")
     except ValueError as e:
         parser.error(str(e))
@@ -310,34 +310,32 @@ def _memory_check(args, parser, device, dtype, preset, keep_output: bool = False
     True for ``--dry-run`` (estimate printed, nothing else to do). With ``--sp N`` the estimate is
     per rank (1/N of the KV cache); ``keep_output``: the run keeps every block (``rollout.run``)."""
     from tokentrim import memory
-    from tokentrim.model import WanConfig
+    from tokentrim.model import WanConfig, checkpoint_config
     from tokentrim.rollout import RollingForcingConfig, SelfForcingConfig
 
     cfg = None
     if args.checkpoint is not None:
-        try:
-            cfg = WanConfig.resolve(args.checkpoint)  # a folder or config.json; a bare file has none
+        try:  # the config load_wan will use (_build_model); a .pt carries none
+            cfg = checkpoint_config(args.checkpoint, args.preset)
         except (TypeError, ValueError, OSError):
-            cfg = None
+            cfg = None  # a malformed config.json: the loader reports it
     try:
-        cfg = cfg or WanConfig.preset(args.preset or preset)
+        cfg = cfg or WanConfig.preset(preset)
         if args.pipeline == "self-forcing":
             rc = SelfForcingConfig(cache_frames=args.cache_frames, sink_frames=args.sink_frames)
         else:
             rc = RollingForcingConfig(sink_frames=args.sink_frames)
         est = memory.estimate_rollout(cfg, pipeline=args.pipeline, rollout_config=rc, batch=args.batch,
                                       height=args.height, width=args.width, num_blocks=args.blocks, dtype=dtype,
-                                      device=device.type, keep_output=keep_output, sp=getattr(args, "sp", 1))
+                                      device=device.type, keep_output=keep_output, sp=args.sp)
     except (TypeError, ValueError):
         return False  # reported with its own message by the checks that follow
     print(est.format(), file=sys.stdout if args.dry_run else sys.stderr)
     if args.dry_run:
         return True
     try:
-        sp = getattr(args, "sp", 1)
-        memory.check_fits(est, memory.cli_limit(args, device), f"--height {args.height} --width {args.width} "
-                                                               f"--batch {args.batch}" + (f" --sp {sp} (per rank)"
-                                                                                          if sp > 1 else ""))
+        what = f"--height {args.height} --width {args.width} --batch {args.batch}"
+        memory.check_fits(est, memory.cli_limit(args, device), what + (f" --sp {args.sp} (per rank)" if args.sp > 1 else ""))
     except (MemoryError, ValueError) as e:
         parser.error(str(e))
     return False

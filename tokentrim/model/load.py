@@ -31,7 +31,7 @@ import torch
 from tokentrim.model.config import WanConfig
 from tokentrim.model.wan import WanModel
 
-__all__ = ["diffusers_to_wan_state_dict", "load_wan", "normalize_key"]
+__all__ = ["checkpoint_config", "diffusers_to_wan_state_dict", "load_wan", "normalize_key"]
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = WEIGHTS_NAME + ".index.json"
@@ -153,17 +153,52 @@ def _read_weight_map(index: str, folder: str) -> dict[str, str]:
     return weight_map
 
 
+def _has_weights(folder: str) -> bool:
+    return os.path.exists(os.path.join(folder, INDEX_NAME)) or os.path.exists(os.path.join(folder, WEIGHTS_NAME))
+
+
+def _weights_folder(path: str) -> str:
+    """The folder whose weights a folder checkpoint means: ``path``, or (a diffusers pipeline root,
+    no weights of its own) its ``transformer/`` subfolder, recursively."""
+    sub = os.path.join(path, "transformer")
+    return _weights_folder(sub) if not _has_weights(path) and os.path.isdir(sub) else path
+
+
+def _config_file(path: str) -> str | None:
+    """The config.json a checkpoint carries, or None: the weights folder's own (``_weights_folder``),
+    the one beside a .safetensors file; a torch checkpoint carries none. Nothing is read."""
+    if os.path.isdir(path):
+        file = os.path.join(_weights_folder(path), "config.json")
+    elif os.path.isfile(path) and path.lower().endswith(".safetensors"):
+        file = os.path.join(os.path.dirname(path), "config.json")
+    else:
+        return None
+    return file if os.path.isfile(file) else None
+
+
+def _carried_config(path: str) -> WanConfig | None:
+    file = _config_file(path)
+    return WanConfig.from_json(file) if file is not None else None
+
+
+def checkpoint_config(path, config=None) -> WanConfig | None:
+    """The WanConfig ``load_wan(path, config=config)`` builds its model from, read from config files
+    alone (no weights): ``config`` resolved when given, else the one the checkpoint carries (see
+    ``load_wan``); None when it carries none (load_wan then needs ``config=``). Raises ValueError for
+    a malformed config.json or an unknown ``config``, like load_wan."""
+    if config is not None:
+        return WanConfig.resolve(config)
+    return _carried_config(os.fspath(path))
+
+
 def _folder_source(path: str) -> _Source:
-    if not os.path.exists(os.path.join(path, INDEX_NAME)) and not os.path.exists(os.path.join(path, WEIGHTS_NAME)):
-        sub = os.path.join(path, "transformer")
-        if os.path.isdir(sub):
-            return _folder_source(sub)
+    path = _weights_folder(path)
+    if not _has_weights(path):
         raise ValueError(
             f"{path}: no {WEIGHTS_NAME} or {INDEX_NAME} found (files: {sorted(os.listdir(path))[:20]}); "
             "expected an original Wan folder or a diffusers transformer folder"
         )
-    cfg_path = os.path.join(path, "config.json")
-    config = WanConfig.from_json(cfg_path) if os.path.isfile(cfg_path) else None
+    config = _carried_config(path)
     index = os.path.join(path, INDEX_NAME)
     if os.path.isfile(index):
         weight_map = _read_weight_map(index, path)
@@ -221,9 +256,7 @@ def _open_source(path: str, which: str) -> _Source:
         raise FileNotFoundError(f"checkpoint path does not exist: {path}")
     low = path.lower()
     if low.endswith(".safetensors"):
-        cfg_path = os.path.join(os.path.dirname(path), "config.json")
-        config = WanConfig.from_json(cfg_path) if os.path.isfile(cfg_path) else None
-        return _Source(_safetensors_getters({path: None}), config, path)
+        return _Source(_safetensors_getters({path: None}), _carried_config(path), path)
     if low.endswith(TORCH_EXTS):
         return _torch_source(path, which)
     raise ValueError(
