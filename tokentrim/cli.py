@@ -196,20 +196,22 @@ def _resolve(args, parser):
     return device, dtype, preset, trim
 
 
+def _rollout_config(args):
+    """The --pipeline's SelfForcingConfig / RollingForcingConfig from --cache-frames/--sink-frames
+    (raises their TypeError/ValueError for bad values)."""
+    from tokentrim.rollout import RollingForcingConfig, SelfForcingConfig
+
+    if args.pipeline == "self-forcing":
+        return SelfForcingConfig(cache_frames=args.cache_frames, sink_frames=args.sink_frames)
+    return RollingForcingConfig(sink_frames=args.sink_frames)
+
+
 def _make_rollout(args, parser, model, trim):
-    from tokentrim.rollout import (
-        RollingForcingConfig,
-        RollingForcingRollout,
-        SelfForcingConfig,
-        SelfForcingRollout,
-    )
+    from tokentrim.rollout import RollingForcingRollout, SelfForcingRollout
 
     try:
-        if args.pipeline == "self-forcing":
-            cfg = SelfForcingConfig(cache_frames=args.cache_frames, sink_frames=args.sink_frames)
-            return SelfForcingRollout(model, cfg, trim=trim, use_graphs=args.graphs, compile=args.compile)
-        cfg = RollingForcingConfig(sink_frames=args.sink_frames)
-        return RollingForcingRollout(model, cfg, trim=trim, use_graphs=args.graphs, compile=args.compile)
+        cls = SelfForcingRollout if args.pipeline == "self-forcing" else RollingForcingRollout
+        return cls(model, _rollout_config(args), trim=trim, use_graphs=args.graphs, compile=args.compile)
     except (TypeError, ValueError) as e:
         parser.error(str(e))
 
@@ -311,7 +313,6 @@ def _memory_check(args, parser, device, dtype, preset, keep_output: bool = False
     per rank (1/N of the KV cache); ``keep_output``: the run keeps every block (``rollout.run``)."""
     from tokentrim import memory
     from tokentrim.model import WanConfig, checkpoint_config
-    from tokentrim.rollout import RollingForcingConfig, SelfForcingConfig
 
     cfg = None
     if args.checkpoint is not None:
@@ -321,11 +322,7 @@ def _memory_check(args, parser, device, dtype, preset, keep_output: bool = False
             cfg = None  # a malformed config.json: the loader reports it
     try:
         cfg = cfg or WanConfig.preset(preset)
-        if args.pipeline == "self-forcing":
-            rc = SelfForcingConfig(cache_frames=args.cache_frames, sink_frames=args.sink_frames)
-        else:
-            rc = RollingForcingConfig(sink_frames=args.sink_frames)
-        est = memory.estimate_rollout(cfg, pipeline=args.pipeline, rollout_config=rc, batch=args.batch,
+        est = memory.estimate_rollout(cfg, pipeline=args.pipeline, rollout_config=_rollout_config(args), batch=args.batch,
                                       height=args.height, width=args.width, num_blocks=args.blocks, dtype=dtype,
                                       device=device.type, keep_output=keep_output, sp=args.sp)
     except (TypeError, ValueError):
