@@ -1,5 +1,5 @@
-"""Run by tests/test_distributed.py under torchrun: several ``tokentrim rollout --sp 2`` jobs in one
-launch (one process group), the first through all_to_all, the others through the all_gather
+"""Run by tests/test_distributed.py under torchrun: ``broadcast_case`` (raises on a failure), several
+``tokentrim rollout --sp 2`` jobs in one launch (one process group), the first through all_to_all, the others through the all_gather
 fallback, then ``rebase_case`` (RoPE re-base + cache compaction, through the Python API).
 argv: OUT_DIR JSON({name: [rollout args]}) [JSON(generate argv)]; each rollout writes
 OUT_DIR/<name>_sp, the re-base case OUT_DIR/rebase_sp.pt; the generate argv (``--sp 2`` included)
@@ -16,7 +16,21 @@ import torch
 import torch.distributed as dist
 
 from tokentrim import cli
-from tokentrim.distributed import SequenceParallel
+from tokentrim.distributed import SequenceParallel, broadcast_parameters
+
+
+def broadcast_case() -> None:
+    """``broadcast_parameters``: each rank starts from its own (seeded by rank) fp32 + bf16
+    parameters, in buckets of 64 bytes (several per dtype); afterwards every rank holds rank 0's."""
+
+    def build(seed):
+        torch.manual_seed(seed)
+        return torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Linear(7, 3).to(torch.bfloat16))
+
+    model = build(dist.get_rank())
+    broadcast_parameters(model, bucket_bytes=64)
+    for got, want in zip(model.parameters(), build(0).parameters()):
+        assert got.dtype == want.dtype and torch.equal(got, want), "broadcast_parameters: not rank 0's weights"
 
 
 def rebase_case(sp) -> dict:
@@ -63,6 +77,7 @@ def main() -> int:
     dist.init_process_group("gloo")
     code = 0
     try:
+        broadcast_case()
         for i, (name, args) in enumerate(runs.items()):
             os.environ["TOKENTRIM_SP_EXCHANGE"] = "all_to_all" if i == 0 else "all_gather"
             sp = SequenceParallel()

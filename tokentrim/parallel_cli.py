@@ -83,26 +83,22 @@ def run_rollout_job(args) -> int:
         cfg = model.config
         _check_sp(args, parser, cfg.num_heads, "from --checkpoint")
         _check_limits(args, parser, model, trim)
-        _make_rollout(args, parser, model, trim)  # the rollout settings, checked before any work
+        if args.sp > 1:  # the same weights on every rank, whatever the init did; this rank's heads
+            distributed.broadcast_parameters(model)
+            model.sequence_parallel = distributed.SequenceParallel()
+        rollout = _make_rollout(args, parser, model, trim)  # the rollout settings, checked before any work
         text = _text_embeddings(args, parser, cfg, args.num_videos)  # None: --batch (also --sp)
         if args.sp > 1:
-            return _run_sp(args, parser, ctx, model, text, dtype, preset, trim)
-        return _run_dp(args, parser, ctx, model, text, dtype, preset, trim)
+            return _run_sp(args, parser, ctx, rollout, text, dtype, preset, trim)
+        return _run_dp(args, parser, ctx, model, text, dtype, preset, trim)  # a fresh rollout per batch
     finally:
         ctx.close()
 
 
 # ----------------------------------------------------------------------------- head parallel
-def _run_sp(args, parser, ctx, model, text, dtype, preset, trim) -> int:
-    import torch.distributed as dist
-
-    from tokentrim.cli import _make_rollout
-
-    with torch.no_grad():  # the same weights on every rank, whatever the init did
-        for p in model.parameters():
-            dist.broadcast(p.data, src=0)
-    model.sequence_parallel = distributed.SequenceParallel()
-    rollout = _make_rollout(args, parser, model, trim)
+def _run_sp(args, parser, ctx, rollout, text, dtype, preset, trim) -> int:
+    """``rollout`` (its model's weights already broadcast, ``sequence_parallel`` set) on every rank,
+    rank 0 holding the --out lock."""
     with contextlib.ExitStack() as lock:  # rank 0 writes: one run at a time per --out, like one process
         error = None
         if ctx.is_main:
