@@ -608,7 +608,7 @@ def _run_share(args, on_block, job, num_blocks, device, dtype, prompts, paths) -
     with contextlib.ExitStack() as locks:  # data parallel: each rank locks its own videos
         _lock_outputs(locks, paths[mine.start : mine.stop])
         return _load_and_generate(args, on_block, model_dir, prompts, paths, trim_cfg, num_blocks, device, dtype,
-                                  job, mine)
+                                  job)
 
 
 def _lock_outputs(stack: contextlib.ExitStack, paths) -> None:
@@ -646,23 +646,35 @@ def _memory_check(args, model_dir, num_blocks, device, dtype, num_prompts, show:
     return False
 
 
+def _encode_prompts(args, model, model_dir, source: str, device, dtype, batches: list[list[str]]):
+    """Load the text encoder and the VAE, check them against the transformer, encode each batch of
+    prompts ([B_i, text_len, text_dim] on ``device``) and the later prompts of --prompt-schedule
+    (one video: [(block, [1, text_len, text_dim]), ...], empty without a schedule), then free the
+    encoder (umT5-xxl is ~11 GB in bf16) before the rollout. Returns (vae, texts, switches)."""
+    encoder = load_text_encoder(model_dir, device, dtype, model.config.text_len)
+    vae = load_vae(model_dir, device)
+    _check_compatible(model, encoder.text_dim, vae.z_dim, source)
+    texts = [encoder.encode(batch) for batch in batches]
+    switches = [(b, encoder.encode([p])) for b, p in (getattr(args, "_schedule", None) or [])[1:]]
+    del encoder
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return vae, texts, switches
+
+
 def _load_and_generate(args, on_block, model_dir, prompts, paths, trim_cfg, num_blocks, device, dtype,
-                       job=None, mine=None) -> int:
-    mine = range(len(prompts)) if mine is None else mine
+                       job=None) -> int:
+    """The prompts of ``job.videos`` (all of them without a job): load, encode, generate."""
+    mine = job.videos if job is not None else range(len(prompts))
     if job is not None and not mine:  # more ranks than prompts: nothing to load, only the summary to join
         return _run_job(job, None, None, [], [], prompts, paths, args, trim_cfg, num_blocks, on_block, {})
     source = str(args.checkpoint or model_dir / "transformer")
     model = load_transformer(args, model_dir, device, dtype)
-    encoder = load_text_encoder(model_dir, device, dtype, model.config.text_len)
-    vae = load_vae(model_dir, device)
-    _check_compatible(model, encoder.text_dim, vae.z_dim, source)
     starts = list(range(mine.start, mine.stop, args.batch_size))
-    texts = [encoder.encode(prompts[i : min(i + args.batch_size, mine.stop)]) for i in starts]
-    if getattr(args, "_schedule", None):  # one video: every later prompt of the schedule, encoded now
-        args._switches = [(b, encoder.encode([p])) for b, p in args._schedule[1:]]
-    del encoder  # umT5-xxl is ~11 GB in bf16: free it before the rollout
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    vae, texts, switches = _encode_prompts(args, model, model_dir, source, device, dtype,
+                                           [prompts[i : min(i + args.batch_size, mine.stop)] for i in starts])
+    if switches:
+        args._switches = switches
 
     base_meta = _base_meta(args, model_dir, source, device, dtype, trim_cfg)
     if job is not None:
@@ -818,13 +830,8 @@ def _run_sp(args, on_block, ctx, num_blocks, dtype, prompts, paths) -> int:
         vae, payload = None, None
         if ctx.is_main:  # the text encoder and the VAE live on rank 0 only
             try:
-                encoder = load_text_encoder(model_dir, device, dtype, model.config.text_len)
-                vae = load_vae(model_dir, device)
-                _check_compatible(model, encoder.text_dim, vae.z_dim, source)
-                text = encoder.encode(prompts).cpu()
-                switches = [(b, encoder.encode([p]).cpu()) for b, p in (args._schedule or [])[1:]]
-                payload = (None, text, switches)
-                del encoder
+                vae, (text,), switches = _encode_prompts(args, model, model_dir, source, device, dtype, [prompts])
+                payload = (None, text.cpu(), [(b, t.cpu()) for b, t in switches])
             except (GenerateError, ModelFolderError) as e:
                 payload = (str(e), None, None)
         error, text, switches = ctx.broadcast_object(payload)
@@ -832,8 +839,6 @@ def _run_sp(args, on_block, ctx, num_blocks, dtype, prompts, paths) -> int:
             if ctx.is_main:
                 raise GenerateError(error)
             raise _PeerStopped(error)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
         text = text.to(device)
         if switches:
             args._switches = [(b, t.to(device)) for b, t in switches]
