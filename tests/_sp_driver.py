@@ -1,6 +1,7 @@
-"""Run by tests/test_distributed.py under torchrun: ``broadcast_case`` (raises on a failure), several
-``tokentrim rollout --sp 2`` jobs in one launch (one process group), the first through all_to_all, the others through the all_gather
-fallback, then ``rebase_case`` (RoPE re-base + cache compaction, through the Python API).
+"""Run by tests/test_distributed.py under torchrun: ``broadcast_case`` (raises on a failure), then
+several ``tokentrim rollout --sp 2`` jobs in one launch (one process group), the first through
+all_to_all, the others through the all_gather fallback, then ``rebase_case`` (RoPE re-base + cache
+compaction, through the Python API).
 argv: OUT_DIR JSON({name: [rollout args]}) [JSON(generate argv)]; each rollout writes
 OUT_DIR/<name>_sp, the re-base case OUT_DIR/rebase_sp.pt; the generate argv (``--sp 2`` included)
 runs next, with ``{rank}`` in it replaced by the rank (its ``--out``: only rank 0 may write);
@@ -30,7 +31,7 @@ def broadcast_case() -> None:
     model = build(dist.get_rank())
     broadcast_parameters(model, bucket_bytes=64)
     for got, want in zip(model.parameters(), build(0).parameters()):
-        assert got.dtype == want.dtype and torch.equal(got, want), "broadcast_parameters: not rank 0's weights"
+        assert got.dtype == want.dtype and torch.equal(got, want), "broadcast_parameters: not rank 0's"
 
 
 def rebase_case(sp) -> dict:

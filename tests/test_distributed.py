@@ -233,8 +233,8 @@ def test_generate_under_torchrun_reports_a_bad_launch_as_an_error(tmp_path, caps
     wan = build_tiny_wan_folder(tmp_path / "wan")
     capsys.readouterr()  # the builder's progress bars
     out = tmp_path / "never" / "v.mp4"
-    base = ["generate", "--model-dir", str(wan), "--prompt", "x", "--height", "32", "--width", "48", "--blocks", "1",
-            "--no-progress", "--out", str(out)]
+    base = ["generate", "--model-dir", str(wan), "--prompt", "x", "--height", "32", "--width", "48",
+            "--blocks", "1", "--no-progress", "--out", str(out)]
     cases = [  # (WORLD_SIZE, LOCAL_RANK, extra argv, message): data parallel, then --sp 2
         ("1", "0", ["--device", "meta"], "device must be 'auto', 'cpu' or 'cuda', got 'meta'"),
         ("1", "x", ["--device", "cpu"], "invalid literal for int() with base 10: 'x'"),

@@ -201,7 +201,7 @@ def test_cli_estimate_uses_the_config_the_loader_uses(tmp_path, capsys):
     assert checkpoint_config(tmp_path / "a.pt") is None  # a torch checkpoint carries no config
     kw = dict(height=8, width=8, num_blocks=4, dtype=torch.float32, device="cpu", keep_output=False)
     for extra, preset in (([], "small"), (["--preset", "tiny"], "tiny")):
-        assert cli.main(["rollout", "--dry-run", "--checkpoint", str(weights), "--height", "8", "--width", "8",
-                         "--out", str(tmp_path / "o"), *extra]) == 0
+        assert cli.main(["rollout", "--dry-run", "--checkpoint", str(weights), "--height", "8",
+                         "--width", "8", "--out", str(tmp_path / "o"), *extra]) == 0
         weights_line = memory.format_bytes(memory.estimate_rollout(preset, **kw).weights)
         assert weights_line in capsys.readouterr().out

@@ -322,9 +322,10 @@ def _memory_check(args, parser, device, dtype, preset, keep_output: bool = False
             cfg = None  # a malformed config.json: the loader reports it
     try:
         cfg = cfg or WanConfig.preset(preset)
-        est = memory.estimate_rollout(cfg, pipeline=args.pipeline, rollout_config=_rollout_config(args), batch=args.batch,
-                                      height=args.height, width=args.width, num_blocks=args.blocks, dtype=dtype,
-                                      device=device.type, keep_output=keep_output, sp=args.sp)
+        est = memory.estimate_rollout(cfg, pipeline=args.pipeline, rollout_config=_rollout_config(args),
+                                      batch=args.batch, height=args.height, width=args.width,
+                                      num_blocks=args.blocks, dtype=dtype, device=device.type,
+                                      keep_output=keep_output, sp=args.sp)
     except (TypeError, ValueError):
         return False  # reported with its own message by the checks that follow
     print(est.format(), file=sys.stdout if args.dry_run else sys.stderr)
@@ -332,7 +333,8 @@ def _memory_check(args, parser, device, dtype, preset, keep_output: bool = False
         return True
     try:
         what = f"--height {args.height} --width {args.width} --batch {args.batch}"
-        memory.check_fits(est, memory.cli_limit(args, device), what + (f" --sp {args.sp} (per rank)" if args.sp > 1 else ""))
+        what += f" --sp {args.sp} (per rank)" if args.sp > 1 else ""
+        memory.check_fits(est, memory.cli_limit(args, device), what)
     except (MemoryError, ValueError) as e:
         parser.error(str(e))
     return False

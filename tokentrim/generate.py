@@ -830,7 +830,8 @@ def _run_sp(args, on_block, ctx, num_blocks, dtype, prompts, paths) -> int:
         vae, payload = None, None
         if ctx.is_main:  # the text encoder and the VAE live on rank 0 only
             try:
-                vae, (text,), switches = _encode_prompts(args, model, model_dir, source, device, dtype, [prompts])
+                vae, (text,), switches = _encode_prompts(args, model, model_dir, source, device, dtype,
+                                                         [prompts])
                 payload = (None, text.cpu(), [(b, t.cpu()) for b, t in switches])
             except (GenerateError, ModelFolderError) as e:
                 payload = (str(e), None, None)

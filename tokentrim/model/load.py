@@ -154,7 +154,7 @@ def _read_weight_map(index: str, folder: str) -> dict[str, str]:
 
 
 def _has_weights(folder: str) -> bool:
-    return os.path.exists(os.path.join(folder, INDEX_NAME)) or os.path.exists(os.path.join(folder, WEIGHTS_NAME))
+    return any(os.path.exists(os.path.join(folder, name)) for name in (INDEX_NAME, WEIGHTS_NAME))
 
 
 def _weights_folder(path: str) -> str:
