@@ -307,10 +307,11 @@ def _check_limits(args, parser, model, trim) -> None:
     _check_patch(parser, model, trim)
 
 
-def _memory_check(args, parser, device, dtype, preset, keep_output: bool = False) -> bool:
-    """Print the memory estimate before any work; refuse (exit 2) a run that would not fit. Returns
-    True for ``--dry-run`` (estimate printed, nothing else to do). With ``--sp N`` the estimate is
-    per rank (1/N of the KV cache); ``keep_output``: the run keeps every block (``rollout.run``)."""
+def _memory_check(args, parser, device, dtype, preset, keep_output: bool = False, show: bool = True) -> bool:
+    """Print the memory estimate before any work (``show``: False on the ranks other than 0); refuse
+    (exit 2) a run that would not fit. Returns True for ``--dry-run`` (estimate printed, nothing else
+    to do). With ``--sp N`` the estimate is per rank (1/N of the KV cache); ``keep_output``: the run
+    keeps every block (``rollout.run``)."""
     from tokentrim import memory
     from tokentrim.model import WanConfig, checkpoint_config
 
@@ -328,7 +329,8 @@ def _memory_check(args, parser, device, dtype, preset, keep_output: bool = False
                                       keep_output=keep_output, sp=args.sp)
     except (TypeError, ValueError):
         return False  # reported with its own message by the checks that follow
-    print(est.format(), file=sys.stdout if args.dry_run else sys.stderr)
+    if show:
+        print(est.format(), file=sys.stdout if args.dry_run else sys.stderr)
     if args.dry_run:
         return True
     try:

@@ -312,6 +312,14 @@ def decisions_agree(ctx, records: list[dict]) -> bool:
     return all(d == mine for d in ctx.all_gather_object(mine))
 
 
+def check_decisions(ctx, records: list[dict], index: int, error=RuntimeError) -> None:
+    """--sp: raise ``error(message)`` (an exception class or factory) on every rank when the ranks'
+    TokenTrim decisions of block ``index`` (``records``: its record of every panel) differ
+    (``decisions_agree``: one all-gather of small host objects)."""
+    if not decisions_agree(ctx, records):
+        raise error(f"TokenTrim decisions differ across the --sp ranks at block {index}")
+
+
 # ----------------------------------------------------------------------------- data parallel
 def _write_json(path: Path, data) -> None:
     atomic_write_text(path, json.dumps(data, indent=1, default=str))

@@ -442,6 +442,7 @@ def generate_batch(model, vae, text, prompts, paths, args, trim_cfg, num_blocks,
     """
     from tqdm import tqdm
 
+    from tokentrim.distributed import check_decisions
     from tokentrim.video import FPS, VAE_SPATIAL
 
     B = len(prompts)
@@ -477,7 +478,7 @@ def generate_batch(model, vae, text, prompts, paths, args, trim_cfg, num_blocks,
                 if args.compare:
                     record["baseline_time_s"] = outs[0].record.get("time_s")
                 if sp is not None:
-                    _check_same_decisions(sp, [out.record for out in outs], index)
+                    check_decisions(sp, [out.record for out in outs], index)
                 for b in range(len(outputs)):
                     frames = [_panel_frames(streams[b][i], out, b) for i, out in enumerate(outs)]
                     over = None
@@ -514,14 +515,6 @@ def generate_batch(model, vae, text, prompts, paths, args, trim_cfg, num_blocks,
     if deferred.received is not None:
         status = "interrupted"
     return status, outputs
-
-
-def _check_same_decisions(sp, records: list[dict], index: int) -> None:
-    """--sp: the TokenTrim decisions of this block (every panel) must be the same on every rank."""
-    from tokentrim.distributed import decisions_agree
-
-    if not decisions_agree(sp, records):
-        raise RuntimeError(f"TokenTrim decisions differ across the --sp ranks at block {index}")
 
 
 # ------------------------------------------------------------------------------------------ run

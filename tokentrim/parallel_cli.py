@@ -77,8 +77,8 @@ def run_rollout_job(args) -> int:
     except ValueError as e:
         parser.error(str(e))
     try:
-        if not args.dry_run:  # against the free memory of this rank's own device
-            _memory_check(args, parser, ctx.device, dtype, preset, keep_output=True)
+        if not args.dry_run:  # against the free memory of this rank's own device (printed by rank 0)
+            _memory_check(args, parser, ctx.device, dtype, preset, keep_output=True, show=ctx.is_main)
         model = _build_model(args, parser, ctx.device, dtype, preset)
         cfg = model.config
         _check_sp(args, parser, cfg.num_heads, "from --checkpoint")
@@ -128,13 +128,14 @@ class _HeadParallelOutput:
         self.deferred_signal = None
 
     def add(self, index: int, latents: torch.Tensor, record: dict) -> None:
-        if not distributed.decisions_agree(self.ctx, [record]):
-            raise _DecisionsDiffer(f"rank {self.ctx.rank}: TokenTrim decisions differ across the --sp ranks "
-                                   f"at block {index}")
+        distributed.check_decisions(self.ctx, [record], index, self._differ)
         if self.output is not None:
             self.output.add(index, latents, record)
         self.records.append(record)
         self.frames += int(latents.shape[1])
+
+    def _differ(self, message: str) -> _DecisionsDiffer:
+        return _DecisionsDiffer(f"rank {self.ctx.rank}: {message}")
 
     def finish(self, status: str, extra_meta: dict | None = None, title: str | None = None) -> dict:
         if self.output is None:
