@@ -359,6 +359,29 @@ def test_prompts_file_gives_one_video_per_prompt_rolling_forcing(wan_dir, tmp_pa
     assert not torch.equal(decode_mp4(tmp_path / "batch_000.mp4"), decode_mp4(tmp_path / "batch_001.mp4"))
 
 
+def test_torch_checkpoint_beside_a_config_json_loads_with_the_config_the_checks_saw(wan_dir, tmp_path):
+    # A .pt carries no config (load_wan), even with a config.json beside it: generate loads it with
+    # the model folder's transformer config, and the pre-load checks (--trim-patch, --sp heads, the
+    # memory estimate) read that same config (they used to read the one beside the .pt).
+    import shutil
+
+    from tokentrim.cli import build_parser
+    from tokentrim.model import WanConfig, diffusers_to_wan_state_dict
+    from tokentrim.model.load import load_wan
+
+    ref = load_wan(wan_dir / "transformer", device="cpu", dtype=torch.float32)
+    ckpt = tmp_path / "ckpts" / "model.pt"
+    ckpt.parent.mkdir()
+    torch.save(diffusers_to_wan_state_dict(ref.state_dict()), ckpt)
+    shutil.copy(wan_dir / "transformer" / "config.json", ckpt.parent / "config.json")
+    args = build_parser().parse_args(["generate", "--model-dir", str(wan_dir), "--prompt", "x",
+                                      "--checkpoint", str(ckpt)])
+    model = gen.load_transformer(args, wan_dir, torch.device("cpu"), torch.float32)
+    assert model.config == ref.config == gen._model_config(args, wan_dir)
+    (bare := tmp_path / "bare").mkdir()  # no transformer config to fall back on: the 1.3B preset
+    assert gen._model_config(args, bare) == WanConfig.preset("wan2.1-t2v-1.3b")
+
+
 def test_interrupted_run_keeps_the_finished_blocks(wan_dir, tmp_path):
     # Also exercises a Self Forcing style .pt checkpoint (original Wan key names, "model." prefix).
     from tokentrim.model import diffusers_to_wan_state_dict

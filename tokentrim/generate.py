@@ -189,30 +189,32 @@ def _check_outputs(paths: list[Path], overlay: bool) -> None:
                 raise GenerateError(str(e)) from None
 
 
-def _model_config(args, model_dir: Path):
-    """The transformer's WanConfig from the config files alone (no weights read), or None when it
-    cannot be told without loading (the loader then reports any problem)."""
-    from tokentrim.model import WanConfig
+def _transformer_source(args, model_dir: Path):
+    """(path, config) that ``load_transformer`` passes to ``load_wan``: ``<model_dir>/transformer``, or
+    ``--checkpoint`` with, when it is a file that carries no config (``model.checkpoint_config``: a
+    .pt, a .safetensors with no config.json beside it), the model folder's transformer config, else
+    the 1.3B preset. Nothing is read."""
+    from tokentrim.model import checkpoint_config_file
 
-    folder_cfg = model_dir / "transformer" / "config.json"
-    candidates = [folder_cfg]
-    if args.checkpoint is not None:
-        ck = Path(args.checkpoint)
-        if ck.is_dir():
-            candidates = [ck / "config.json", ck / "transformer" / "config.json"]
-        elif (ck.parent / "config.json").is_file():
-            candidates = [ck.parent / "config.json"]
-        else:
-            candidates = [folder_cfg] if folder_cfg.is_file() else []
-            if not candidates:
-                return WanConfig.preset("wan2.1-t2v-1.3b")
-    for c in candidates:
-        if c.is_file():
-            try:
-                return WanConfig.from_json(c)
-            except Exception:  # a broken config is the loader's to report, with its own message
-                return None
-    return None
+    if args.checkpoint is None:
+        return model_dir / "transformer", None
+    path = Path(args.checkpoint)
+    if path.is_file() and checkpoint_config_file(path) is None:
+        folder_cfg = model_dir / "transformer" / "config.json"
+        return path, str(folder_cfg) if folder_cfg.is_file() else "wan2.1-t2v-1.3b"
+    return path, None
+
+
+def _model_config(args, model_dir: Path):
+    """The transformer's WanConfig from the config files alone (no weights read): the one
+    ``load_transformer`` builds its model from, or None when it cannot be told without loading (the
+    loader then reports any problem)."""
+    from tokentrim.model import checkpoint_config
+
+    try:
+        return checkpoint_config(*_transformer_source(args, model_dir))
+    except Exception:  # a broken config is the loader's to report, with its own message
+        return None
 
 
 def _check_trim_against_model(trim_cfg: TokenTrimConfig, args, model_dir: Path) -> None:
@@ -273,15 +275,9 @@ def load_transformer(args, model_dir: Path, device, dtype):
     none) or ``<model_dir>/transformer``. Errors become GenerateError naming the checkpoint."""
     from tokentrim.model import load_wan
 
-    folder_cfg = model_dir / "transformer" / "config.json"
-    if args.checkpoint is None:
-        path, config = model_dir / "transformer", None
-    else:
-        path = Path(args.checkpoint)
-        if not path.exists():
-            raise GenerateError(f"--checkpoint {str(path)!r} does not exist")
-        needs_config = path.is_file() and not (path.parent / "config.json").is_file()
-        config = (str(folder_cfg) if folder_cfg.is_file() else "wan2.1-t2v-1.3b") if needs_config else None
+    path, config = _transformer_source(args, model_dir)
+    if args.checkpoint is not None and not path.exists():
+        raise GenerateError(f"--checkpoint {str(path)!r} does not exist")
     try:
         return load_wan(path, config=config, dtype=dtype, device=device, which=args.checkpoint_key)
     except LOAD_ERRORS as e:

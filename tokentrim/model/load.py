@@ -31,7 +31,7 @@ import torch
 from tokentrim.model.config import WanConfig
 from tokentrim.model.wan import WanModel
 
-__all__ = ["checkpoint_config", "diffusers_to_wan_state_dict", "load_wan", "normalize_key"]
+__all__ = ["checkpoint_config", "checkpoint_config_file", "diffusers_to_wan_state_dict", "load_wan", "normalize_key"]
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = WEIGHTS_NAME + ".index.json"
@@ -164,9 +164,10 @@ def _weights_folder(path: str) -> str:
     return _weights_folder(sub) if not _has_weights(path) and os.path.isdir(sub) else path
 
 
-def _config_file(path: str) -> str | None:
+def checkpoint_config_file(path) -> str | None:
     """The config.json a checkpoint carries, or None: the weights folder's own (``_weights_folder``),
     the one beside a .safetensors file; a torch checkpoint carries none. Nothing is read."""
+    path = os.fspath(path)
     if os.path.isdir(path):
         file = os.path.join(_weights_folder(path), "config.json")
     elif os.path.isfile(path) and path.lower().endswith(".safetensors"):
@@ -177,7 +178,7 @@ def _config_file(path: str) -> str | None:
 
 
 def _carried_config(path: str) -> WanConfig | None:
-    file = _config_file(path)
+    file = checkpoint_config_file(path)
     return WanConfig.from_json(file) if file is not None else None
 
 
